@@ -1,0 +1,99 @@
+"""Patient-level split assignment: stratified random split + leave-center(s)-out external set.
+
+Splits are decided once, at sharding time, and recorded in the manifest, so every later run
+(train, tune, evaluate) sees the same patients in the same split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mmdls_dist.data.schema import PatientRecord
+
+SPLITS = ("train", "val", "test", "external")
+
+
+@dataclass(frozen=True)
+class SplitRecipe:
+    """How patients are divided. Recorded verbatim in the manifest."""
+
+    seed: int = 0
+    val_fraction: float = 0.15  # of the internal (non-external) patients, in [0, 1)
+    test_fraction: float = 0.15  # of the internal patients, in [0, 1)
+    external_centers: tuple[str, ...] = ()  # centers held out entirely as "external"
+    stratify_by: tuple[str, ...] = field(default=("center", "histology", "tnm_stage"))
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"split.{name} must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("split.val_fraction + split.test_fraction must be < 1")
+        allowed = {"center", "histology", "tnm_stage"}
+        unknown = set(self.stratify_by) - allowed
+        if unknown:
+            raise ValueError(f"split.stratify_by: unknown keys {sorted(unknown)}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["external_centers"] = list(self.external_centers)
+        out["stratify_by"] = list(self.stratify_by)
+        return out
+
+
+def _stratum(record: PatientRecord, keys: tuple[str, ...]) -> tuple:
+    out = []
+    for key in keys:
+        if key == "center":
+            out.append(record.center)
+        else:
+            value = record.labels[key]
+            out.append(-1 if value is None else int(value))  # unknown label = own stratum
+    return tuple(out)
+
+
+def assign_splits(records: list[PatientRecord], recipe: SplitRecipe) -> dict[str, str]:
+    """patient_id -> split name. Deterministic for (records, recipe).
+
+    Internal patients are ordered stratum by stratum (random order inside a stratum), then
+    dealt to train/val/test by a largest-deficit rule: each next patient goes to the split
+    furthest below its target share so far. Every stratum thus gets its proportional share
+    to within one patient, and the totals match the fractions to within one patient, even
+    for strata of one or two patients where per-stratum rounding would fail.
+    """
+    centers = {r.center for r in records}
+    missing = [c for c in recipe.external_centers if c not in centers]
+    if missing:
+        raise ValueError(
+            f"split.external_centers: {missing} not in the cohort (centers: {sorted(centers)})"
+        )
+    external = set(recipe.external_centers)
+    if centers and centers <= external:
+        raise ValueError("split.external_centers holds out every center; nothing left to train")
+
+    out = {r.patient_id: "external" for r in records if r.center in external}
+    strata: dict[tuple, list[str]] = defaultdict(list)
+    for r in records:
+        if r.center not in external:
+            strata[_stratum(r, recipe.stratify_by)].append(r.patient_id)
+
+    rng = np.random.default_rng(recipe.seed)
+    order: list[str] = []
+    for key in sorted(strata, key=repr):
+        ids = sorted(strata[key])
+        order.extend(ids[i] for i in rng.permutation(len(ids)))
+
+    names = ("train", "val", "test")
+    shares = np.array(
+        [1.0 - recipe.val_fraction - recipe.test_fraction, recipe.val_fraction, recipe.test_fraction]
+    )
+    counts = np.zeros(3)
+    for i, pid in enumerate(order):
+        deficit = shares * (i + 1) - counts
+        k = int(np.argmax(deficit))
+        counts[k] += 1
+        out[pid] = names[k]
+    return out

@@ -1,0 +1,59 @@
+"""Run a function over many items as Ray tasks (or serially), with a progress bar.
+
+The data modules take a `mapper(fn, items) -> list` and never import Ray; this is the one
+place where that mapper becomes Ray tasks, so data prep scales out on a cluster while the
+data code stays testable without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (RAY_ADDRESS / `address`, as under `ray job submit`) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def serial_mapper(desc: str = "") -> Callable[[Callable, Sequence], list]:
+    def run(fn: Callable, items: Sequence) -> list:
+        return [fn(item) for item in tqdm(items, desc=desc, disable=not desc, leave=False)]
+
+    return run
+
+
+def ray_mapper(desc: str = "", num_cpus: float = 1.0) -> Callable[[Callable, Sequence], list]:
+    """A mapper that runs each item as one Ray task; results come back in input order."""
+
+    def run(fn: Callable, items: Sequence) -> list:
+        import ray
+
+        if not items:
+            return []
+        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        refs = [remote.remote(item) for item in items]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        with tqdm(total=len(refs), desc=desc, disable=not desc, leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    results[index[ref]] = ray.get(ref)
+                    bar.update(1)
+        return results
+
+    return run
