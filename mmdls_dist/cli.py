@@ -1,0 +1,360 @@
+"""`mmdls <subcommand>`: the command line. jobs/*.py are thin wrappers around it.
+
+Subcommands: synth, ingest, shard, verify, stream, train. `mmdls <subcommand> --help`
+explains each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mmdls_dist.config import DataConfig
+
+log = logging.getLogger("mmdls")
+
+
+def _mapper(executor: str, desc: str, address: str | None = None):
+    from mmdls_dist import parallel
+
+    if executor == "serial":
+        return parallel.serial_mapper(desc)
+    parallel.init_ray(address)
+    return parallel.ray_mapper(desc)
+
+
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        choices=("ray", "serial"),
+        default="ray",
+        help="ray: one Ray task per chunk/shard (local Ray, or the cluster under `ray job "
+        "submit` / RAY_ADDRESS); serial: in this process. Results are identical. (default: ray)",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mmdls_dist.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        n_patients=args.patients,
+        seed=args.seed,
+        n_centers=args.centers,
+        image_size=args.image_size,
+        min_slices=args.min_slices,
+        max_slices=args.max_slices,
+    )
+    out = Path(args.out)
+    truth = Path(args.truth) if args.truth else out.parent / f"{out.name}.truth.json"
+    t0 = time.perf_counter()
+    result = generate(spec, out, truth, mapper=_mapper(args.executor, "synth", args.ray_address))
+    log.info(
+        "wrote %d synthetic patients from %d centers to %s in %.1fs; ground truth: %s",
+        spec.n_patients, spec.n_centers, out, time.perf_counter() - t0, truth,
+    )
+    for endpoint, info in result["endpoints"].items():
+        log.info(
+            "  %s: oracle C-index %.3f, event rate %.2f",
+            endpoint.upper(), info["oracle_cindex"], info["event_rate"],
+        )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from mmdls_dist.data.ingest import read_cohort
+
+    report = read_cohort(
+        args.raw,
+        check_pixels=not args.no_pixels,
+        mapper=_mapper(args.executor, "check images", args.ray_address),
+    )
+    print(report.summary(max_defects=args.max_defects))
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1))
+        log.info("full report written to %s", args.report)
+    return 0 if report.ok else 1
+
+
+def _split_recipe(args: argparse.Namespace):
+    from mmdls_dist.data.splits import SplitRecipe
+
+    external = tuple(c for c in (args.external_centers or "").split(",") if c)
+    return SplitRecipe(
+        seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        external_centers=external,
+    )
+
+
+def _shard_options(args: argparse.Namespace):
+    from mmdls_dist.data.shards import ShardOptions
+
+    return ShardOptions(
+        image_size=args.image_size,
+        max_patients_per_shard=args.max_patients_per_shard,
+        max_shard_bytes=int(args.max_shard_mb * 2**20),
+    )
+
+
+def _shard(raw: str, out: str, args: argparse.Namespace) -> dict:
+    from mmdls_dist.data.ingest import read_cohort
+    from mmdls_dist.data.shards import build_shards
+
+    recipe, options = _split_recipe(args), _shard_options(args)
+    t0 = time.perf_counter()
+    report = read_cohort(raw, mapper=_mapper(args.executor, "check images", args.ray_address))
+    log.info("%s", report.summary(max_defects=50))
+    manifest = build_shards(
+        report,
+        out,
+        recipe,
+        options,
+        allow_rejects=args.allow_rejects,
+        mapper=_mapper(args.executor, "write shards", args.ray_address),
+    )
+    total = sum(e["bytes"] for e in manifest["shards"])
+    log.info(
+        "wrote %d shards (%.1f MiB) to %s in %.1fs", len(manifest["shards"]), total / 2**20, out,
+        time.perf_counter() - t0,
+    )
+    for split, info in manifest["splits"].items():
+        log.info("  %-8s %4d patients, %d shards, centers %s", split, info["n_patients"],
+                 len(info["shards"]), info["centers"])
+    return manifest
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    _shard(args.raw, args.out, args)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mmdls_dist.data.shards import load_manifest, verify_shards
+
+    manifest = load_manifest(args.shards)
+    splits = args.splits.split(",") if args.splits else None
+    problems = verify_shards(args.shards, manifest, splits, check_hash=not args.size_only)
+    checked = [e for e in manifest["shards"] if splits is None or e["split"] in splits]
+    if problems:
+        print(f"{len(problems)} of {len(checked)} shards do not match manifest.json:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"all {len(checked)} shards match manifest.json")
+    return 0
+
+
+def stream_epoch(cfg: DataConfig, split: str, mode: str, world_size: int, epoch: int = 0) -> dict:
+    """Stream one epoch of `split` for each simulated rank in turn; returns what was read."""
+    from mmdls_dist.data.loader import make_loader
+
+    per_rank = []
+    for rank in range(world_size):
+        loader = make_loader(cfg, split, mode, rank, world_size)
+        loader.dataset.set_epoch(epoch)
+        t0 = time.perf_counter()
+        batches, ids, shape = 0, [], None
+        for batch in loader:
+            batches += 1
+            ids.extend(batch.patient_id)
+            shape = tuple(batch.ct.shape)
+        per_rank.append(
+            {"rank": rank, "batches": batches, "patients": len(ids), "unique": len(set(ids)),
+             "seconds": time.perf_counter() - t0, "ct_shape": shape, "ids": ids}
+        )
+    return {"split": split, "mode": mode, "ranks": per_rank}
+
+
+def _print_stream(result: dict) -> None:
+    all_ids = [i for r in result["ranks"] for i in r["ids"]]
+    print(f"{result['mode']} epoch over split {result['split']!r}:")
+    for r in result["ranks"]:
+        rate = r["patients"] / r["seconds"] if r["seconds"] else float("nan")
+        print(
+            f"  rank {r['rank']}: {r['batches']} batches, {r['patients']} patients "
+            f"({r['unique']} distinct), batch ct {r['ct_shape']} uint8, {rate:.0f} patients/s"
+        )
+    print(f"  all ranks: {len(all_ids)} patients read, {len(set(all_ids))} distinct")
+
+
+def _data_config(args: argparse.Namespace, shards: str) -> DataConfig:
+    return DataConfig(
+        shards=shards,
+        batch_size=args.batch_size,
+        max_slices=args.max_slices,
+        image_size=args.model_image_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    cfg = _data_config(args, args.shards)
+    _print_stream(stream_epoch(cfg, args.split, args.mode, args.world_size))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The embedded default: data -> shards -> one streamed epoch per simulated rank."""
+    from mmdls_dist.data.shards import MANIFEST, load_manifest
+    from mmdls_dist.data.synth import SynthSpec, generate
+
+    work = Path(args.workdir)
+    shards = args.shards
+    truth = None
+    if shards is None:
+        raw = args.data
+        if raw is None:
+            raw = str(work / "synthetic" / "raw")
+            truth_path = work / "synthetic" / "truth.json"
+            if not (Path(raw) / "clinical.csv").exists():
+                log.info("no --data or --shards given: generating a synthetic cohort in %s", raw)
+                spec = SynthSpec(n_patients=args.patients, seed=args.seed)
+                generate(spec, raw, truth_path, mapper=_mapper(args.executor, "synth"))
+            truth = json.loads(truth_path.read_text())
+        shards = str(work / "shards")
+        if (Path(shards) / MANIFEST).exists():
+            log.info("reusing shards in %s (delete the folder to re-shard)", shards)
+        else:
+            _shard(raw, shards, args)
+    manifest = load_manifest(shards)
+    cfg = _data_config(args, shards)
+    _print_stream(stream_epoch(cfg, "train", "train", args.world_size))
+    if "val" in manifest["splits"]:
+        _print_stream(stream_epoch(cfg, "val", "eval", args.world_size))
+    if truth is not None:
+        oracle = {k: round(v["oracle_cindex"], 3) for k, v in truth["endpoints"].items()}
+        print(f"synthetic ground truth: oracle C-index {oracle}")
+    print(f"shards: {shards}\nmodel training arrives with issue #4; this run checked the data path")
+    return 0
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    d = DataConfig()
+    p.add_argument("--world-size", type=int, default=2, help="simulated ranks (default: 2)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per batch")
+    p.add_argument("--max-slices", type=int, default=16, help="slices per patient (default: 16)")
+    p.add_argument(
+        "--model-image-size", type=int, default=0,
+        help="pixels fed to the model; 0 = as stored in the shards (default: 0)",
+    )
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="shuffle / synthetic seed (default: 0)")
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=224,
+                   help="stored slice size in pixels (default: 224, the paper's)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="of internal patients")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="of internal patients")
+    p.add_argument("--external-centers", default="",
+                   help="comma-separated centers held out as the 'external' split")
+    p.add_argument("--split-seed", type=int, default=0, help="split seed (default: 0)")
+    p.add_argument("--max-patients-per-shard", type=int, default=64)
+    p.add_argument("--max-shard-mb", type=float, default=512.0)
+    p.add_argument("--allow-rejects", action="store_true",
+                   help="shard the valid patients of a cohort with defects; the rejected ones "
+                   "and why are recorded in manifest.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmdls",
+        description="MM-DLS distributed training: data import, sharding and streaming.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic multi-center cohort (raw layout)",
+                       description="Write a synthetic cohort in the raw layout plus its ground "
+                       "truth (linear predictors, oracle C-index) in a file beside it.")
+    p.add_argument("out", help="DATA_ROOT to create")
+    p.add_argument("--truth", help="ground-truth JSON (default: <out>.truth.json beside out)")
+    p.add_argument("--patients", type=int, default=200)
+    p.add_argument("--centers", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96, help="base slice size (pixels)")
+    p.add_argument("--min-slices", type=int, default=10)
+    p.add_argument("--max-slices", type=int, default=24)
+    _add_executor(p)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("ingest", help="validate a raw export and report every defect",
+                       description="Read DATA_ROOT (docs/RAW_LAYOUT.md), report every defect "
+                       "with file, patient and field. Exit 1 if there are defects.")
+    p.add_argument("raw", help="DATA_ROOT")
+    p.add_argument("--report", help="also write the full report as JSON")
+    p.add_argument("--no-pixels", action="store_true", help="skip decoding PNGs (tables only)")
+    p.add_argument("--max-defects", type=int, default=200, help="defects printed")
+    _add_executor(p)
+    p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("shard", help="validate, split and write WebDataset shards",
+                       description="Validate DATA_ROOT, assign patient-level splits, write "
+                       "tar shards and manifest.json (last) to OUT.")
+    p.add_argument("raw", help="DATA_ROOT")
+    p.add_argument("out", help="new shard folder")
+    _add_shard_args(p)
+    _add_executor(p)
+    p.set_defaults(fn=cmd_shard)
+
+    p = sub.add_parser("verify", help="check shards against manifest.json")
+    p.add_argument("shards", help="shard folder or s3:// / gs:// prefix")
+    p.add_argument("--splits", help="comma-separated splits (default: all)")
+    p.add_argument("--size-only", action="store_true", help="skip sha256")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("stream", help="stream one epoch per simulated rank and report",
+                       description="Stream one epoch of a split as each of --world-size ranks "
+                       "would, and print batch counts, coverage and speed.")
+    p.add_argument("shards", help="shard folder or s3:// / gs:// prefix")
+    p.add_argument("--split", default="train")
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    _add_stream_args(p)
+    p.set_defaults(fn=cmd_stream)
+
+    p = sub.add_parser("train", help="the main job (today: prepare data and stream an epoch)",
+                       description="With no --data/--shards: make a synthetic cohort, shard it "
+                       "and stream one epoch per rank. Model training arrives with issue #4.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="raw DATA_ROOT to import and shard")
+    src.add_argument("--shards", help="existing shard folder / prefix")
+    p.add_argument("--workdir", default="mmdls-work", help="outputs (default: ./mmdls-work)")
+    p.add_argument("--patients", type=int, default=160, help="synthetic cohort size")
+    _add_shard_args(p)
+    p.set_defaults(image_size=64)
+    _add_stream_args(p)
+    _add_executor(p)
+    p.set_defaults(fn=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.fn(args)
+    except (ValueError, FileExistsError) as exn:
+        log.error("%s", exn)
+        return 2
+    except Exception as exn:
+        from mmdls_dist.data.shards import ShardError
+
+        if isinstance(exn, ShardError):
+            log.error("%s", exn)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Session-wide fixtures: one small synthetic cohort and its shards, built once."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmdls_dist.data.ingest import read_cohort
+from mmdls_dist.data.shards import ShardOptions, build_shards
+from mmdls_dist.data.splits import SplitRecipe
+from mmdls_dist.data.synth import SynthSpec, generate
+
+TINY = SynthSpec(n_patients=40, seed=7, n_centers=3, image_size=40, min_slices=4, max_slices=9)
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory):
+    """(raw root, truth dict) of a 40-patient, 3-center synthetic cohort."""
+    base = tmp_path_factory.mktemp("synth")
+    truth = generate(TINY, base / "raw", base / "truth.json")
+    return base / "raw", truth
+
+
+@pytest.fixture(scope="session")
+def synth_report(synth_cohort):
+    return read_cohort(synth_cohort[0])
+
+
+@pytest.fixture(scope="session")
+def shard_dir(synth_report, tmp_path_factory):
+    """Shards of the synthetic cohort: HOSP-C external, small shards so splits span several."""
+    out = tmp_path_factory.mktemp("shards") / "s"
+    build_shards(
+        synth_report,
+        out,
+        SplitRecipe(seed=3, val_fraction=0.2, test_fraction=0.1, external_centers=("HOSP-C",)),
+        ShardOptions(image_size=32, max_patients_per_shard=5),
+    )
+    return out

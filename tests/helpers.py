@@ -1,0 +1,80 @@
+"""Builders for small hand-made raw cohorts (docs/RAW_LAYOUT.md) used across the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
+
+GOOD_ROW = {
+    "center": "C1",
+    "histology": "1",
+    "tnm_stage": "2",
+    "dfs_time": "12.5",
+    "dfs_event": "1",
+    "os_time": "30",
+    "os_event": "0",
+    "age": "61",
+    "sex": "1",
+    "smoking_status": "2",
+    "smoking_years": "35",
+    "years_since_cessation": "0",
+    "tumor_diameter_mm": "42.5",
+    "suv_max": "9.1",
+    "suv_mean": "5.2",
+    "suv_peak": "7.7",
+    "tlg": "120.5",
+    "mtv": "23.2",
+}
+
+
+def row(pid: str, **overrides: str) -> dict[str, str]:
+    out = {"patient_id": pid, **GOOD_ROW}
+    out.update(overrides)
+    return out
+
+
+def write_clinical(root: Path, rows: list[dict[str, str]], columns=CLINICAL_CSV_COLUMNS) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(columns)] + [",".join(r.get(c, "") for c in columns) for r in rows]
+    (root / "clinical.csv").write_text("\n".join(lines) + "\n")
+
+
+def write_radiomics(root: Path, table: dict[str, list[str]]) -> None:
+    names = [f"f{j}" for j in range(N_RADIOMICS)]
+    lines = [",".join(["patient_id", *names])]
+    lines += [",".join([pid, *cells]) for pid, cells in table.items()]
+    (root / "radiomics.csv").write_text("\n".join(lines) + "\n")
+
+
+def volume(seed: int, n_slices: int = 3, size: int = 24):
+    """A reproducible (ct, lung, lesion) triple of uint8 [S,H,W] arrays, masks 0/255."""
+    rng = np.random.default_rng(seed)
+    ct = rng.integers(0, 256, (n_slices, size, size), dtype=np.uint8)
+    lung = np.where(rng.random((n_slices, size, size)) < 0.4, 255, 0).astype(np.uint8)
+    lesion = np.zeros_like(lung)
+    lesion[:, size // 3 : size // 2, size // 3 : size // 2] = 255
+    return ct, lung, lesion
+
+
+def write_images(root: Path, pid: str, ct, lung, lesion=None, names=None) -> list[str]:
+    names = names or [f"s{i:02d}.png" for i in range(len(ct))]
+    kinds = {"ct": ct, "lung": lung}
+    if lesion is not None:
+        kinds["lesion"] = lesion
+    for kind, stack in kinds.items():
+        folder = root / "images" / pid / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in zip(names, stack, strict=True):
+            Image.fromarray(array).save(folder / name)
+    return names
+
+
+def good_patient(root: Path, pid: str, seed: int, n_slices: int = 3, size: int = 24,
+                 annotated: bool = True) -> tuple:
+    ct, lung, lesion = volume(seed, n_slices, size)
+    write_images(root, pid, ct, lung, lesion if annotated else None)
+    return ct, lung, lesion
