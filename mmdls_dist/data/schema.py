@@ -103,14 +103,19 @@ class PatientRecord:
 class Batch:
     """A batch of patients as the model consumes it. B = patients, S = slices, H x W = pixels.
 
-    Images stay uint8 on the CPU on purpose: converting to float is 4x the bytes and the
-    main CPU cost of a loader; the model does `ct.float() / 255` on the device.
+    Images stay uint8 and masks stay bit-packed on the CPU on purpose: converting to float
+    (4x the bytes) and unpacking masks (8x) were the main CPU costs of a loader, and both
+    are nearly free on the accelerator. The model does `ct.float() / 255` and reads the
+    mask properties after `batch.to(device)`.
 
     | field              | dtype   | shape      | meaning                                       |
     |--------------------|---------|------------|-----------------------------------------------|
     | ct                 | uint8   | [B,S,H,W]  | windowed CT, 0..255; padded slices are 0      |
-    | lung_mask          | uint8   | [B,S,H,W]  | 0/1                                           |
-    | lesion_mask        | uint8   | [B,S,H,W]  | 0/1; all 0 where lesion_annotated is False    |
+    | masks              | uint8   | [B,2,S,P]  | lung (0) / lesion (1) masks, bit-packed per   |
+    |                    |         |            | slice, P = ceil(H*W/8); read them through the |
+    |                    |         |            | lung_mask / lesion_mask properties            |
+    | lung_mask (prop.)  | uint8   | [B,S,H,W]  | 0/1, unpacked on the batch's device           |
+    | lesion_mask (prop.)| uint8   | [B,S,H,W]  | 0/1; all 0 where lesion_annotated is False    |
     | slice_mask         | bool    | [B,S]      | True = real slice, False = padding            |
     | lesion_annotated   | bool    | [B]        | patient has a lesion mask                     |
     | clinical           | float32 | [B,8]      | CLINICAL_FEATURES, normalised; 0 if missing   |
@@ -128,8 +133,7 @@ class Batch:
     """
 
     ct: torch.Tensor
-    lung_mask: torch.Tensor
-    lesion_mask: torch.Tensor
+    masks: torch.Tensor
     slice_mask: torch.Tensor
     lesion_annotated: torch.Tensor
     clinical: torch.Tensor
@@ -152,6 +156,16 @@ class Batch:
     def __len__(self) -> int:
         return len(self.patient_id)
 
+    @property
+    def lung_mask(self) -> torch.Tensor:
+        """uint8 [B,S,H,W] 0/1, unpacked where the batch lives."""
+        return unpack_masks(self.masks[:, 0], self.ct.shape[-2:])
+
+    @property
+    def lesion_mask(self) -> torch.Tensor:
+        """uint8 [B,S,H,W] 0/1, unpacked where the batch lives."""
+        return unpack_masks(self.masks[:, 1], self.ct.shape[-2:])
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """Move every tensor to `device` (strings stay on the host)."""
         moved = {}
@@ -169,6 +183,15 @@ class Batch:
             value = getattr(self, f.name)
             pinned[f.name] = value.pin_memory() if isinstance(value, torch.Tensor) else value
         return Batch(**pinned)
+
+
+def unpack_masks(packed: torch.Tensor, hw: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """uint8 [..., S, ceil(H*W/8)] bit-packed (numpy packbits, big-endian bit order) ->
+    uint8 [..., S, H, W] of 0/1. Works on any device."""
+    h, w = int(hw[0]), int(hw[1])
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., : h * w].reshape(*packed.shape[:-1], h, w)
 
 
 def valid_patient_id(patient_id: str) -> bool:

@@ -17,6 +17,7 @@ from mmdls_dist.data.loader import (
     select_slices,
     train_segments,
 )
+from mmdls_dist.data.schema import unpack_masks
 from mmdls_dist.data.shards import _npy_bytes, load_manifest
 
 
@@ -139,6 +140,19 @@ def test_slice_subsampling_and_model_size(shard_dir):
     expected = torch.nn.functional.interpolate(full.ct.float(), size=(16, 16), mode="bilinear",
                                                antialias=True).round()
     assert torch.equal(batch.ct.float(), expected)
+    nearest = torch.nn.functional.interpolate(full.lesion_mask.float(), size=(16, 16),
+                                              mode="nearest")
+    assert torch.equal(batch.lesion_mask.float(), nearest)
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (5, 5), (32, 32)])
+def test_unpack_masks_matches_numpy(hw):
+    rng = np.random.default_rng(0)
+    bits = rng.random((2, 3, hw[0] * hw[1])) < 0.3
+    packed = np.packbits(bits, axis=-1)
+    out = unpack_masks(torch.from_numpy(packed), hw)
+    assert out.shape == (2, 3, *hw) and out.dtype == torch.uint8
+    assert np.array_equal(out.numpy(), bits.reshape(2, 3, *hw).astype(np.uint8))
 
 
 def test_object_store_style_url(shard_dir):
