@@ -83,11 +83,21 @@ def main() -> None:
     raw, shards = out / "raw", out / "shards"
     if not (shards / "manifest.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        spec = SynthSpec(n_patients=args.patients, n_centers=1, image_size=SIZE,
-                         min_slices=SLICES, max_slices=SLICES, seed=0)
+        spec = SynthSpec(
+            n_patients=args.patients,
+            n_centers=1,
+            image_size=SIZE,
+            min_slices=SLICES,
+            max_slices=SLICES,
+            seed=0,
+        )
         generate(spec, raw, out / "truth.json")
-        build_shards(read_cohort(raw), shards, SplitRecipe(val_fraction=0.0, test_fraction=0.0),
-                     ShardOptions(image_size=SIZE))
+        build_shards(
+            read_cohort(raw),
+            shards,
+            SplitRecipe(val_fraction=0.0, test_fraction=0.0),
+            ShardOptions(image_size=SIZE),
+        )
     manifest = load_manifest(str(shards))
     ids = [k for e in manifest["shards"] for k in e["keys"]]
     n = len(ids)
@@ -106,8 +116,7 @@ def main() -> None:
             lung, lesion = batch.lung_mask.float(), batch.lesion_mask.float()
             assert ct.shape == lung.shape == lesion.shape
 
-    png = torch.utils.data.DataLoader(PngFolderDataset(raw, ids), batch_size=BATCH,
-                                      num_workers=0)
+    png = torch.utils.data.DataLoader(PngFolderDataset(raw, ids), batch_size=BATCH, num_workers=0)
 
     def png_epoch() -> None:
         for batch in png:
@@ -122,10 +131,14 @@ def main() -> None:
     print(f"shard loader      : {shard_rate:8.1f} patients/s/core")
     print(f"PNG-folder loader : {png_rate:8.1f} patients/s/core")
     print(f"speed-up          : {shard_rate / png_rate:8.1f}x")
-    print(f"shard loader + float/unpack on the CPU (what the GPU does otherwise): "
-          f"{cpu_float_rate:.1f} patients/s/core ({cpu_float_rate / png_rate:.1f}x)")
-    print(f"shard bytes/patient {shard_bytes / 2**20:.2f} MiB vs raw PNG {raw_bytes / 2**20:.2f} "
-          f"MiB ({shard_bytes / raw_bytes:.2f}x)")
+    print(
+        f"shard loader + float/unpack on the CPU (what the GPU does otherwise): "
+        f"{cpu_float_rate:.1f} patients/s/core ({cpu_float_rate / png_rate:.1f}x)"
+    )
+    print(
+        f"shard bytes/patient {shard_bytes / 2**20:.2f} MiB vs raw PNG {raw_bytes / 2**20:.2f} "
+        f"MiB ({shard_bytes / raw_bytes:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Main job. Locally: `python jobs/train.py`; on a cluster: `ray job submit -- python jobs/train.py`.
+"""Main job.
+
+Locally: `python jobs/train.py`; on a cluster: `ray job submit -- python jobs/train.py`.
 
 All logic lives in mmdls_dist.cli (`mmdls train --help` lists the options).
 """

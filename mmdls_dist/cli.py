@@ -55,12 +55,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     result = generate(spec, out, truth, mapper=_mapper(args.executor, "synth", args.ray_address))
     log.info(
         "wrote %d synthetic patients from %d centers to %s in %.1fs; ground truth: %s",
-        spec.n_patients, spec.n_centers, out, time.perf_counter() - t0, truth,
+        spec.n_patients,
+        spec.n_centers,
+        out,
+        time.perf_counter() - t0,
+        truth,
     )
     for endpoint, info in result["endpoints"].items():
         log.info(
             "  %s: oracle C-index %.3f, event rate %.2f",
-            endpoint.upper(), info["oracle_cindex"], info["event_rate"],
+            endpoint.upper(),
+            info["oracle_cindex"],
+            info["event_rate"],
         )
     return 0
 
@@ -120,12 +126,20 @@ def _shard(raw: str, out: str, args: argparse.Namespace) -> dict:
     )
     total = sum(e["bytes"] for e in manifest["shards"])
     log.info(
-        "wrote %d shards (%.1f MiB) to %s in %.1fs", len(manifest["shards"]), total / 2**20, out,
+        "wrote %d shards (%.1f MiB) to %s in %.1fs",
+        len(manifest["shards"]),
+        total / 2**20,
+        out,
         time.perf_counter() - t0,
     )
     for split, info in manifest["splits"].items():
-        log.info("  %-8s %4d patients, %d shards, centers %s", split, info["n_patients"],
-                 len(info["shards"]), info["centers"])
+        log.info(
+            "  %-8s %4d patients, %d shards, centers %s",
+            split,
+            info["n_patients"],
+            len(info["shards"]),
+            info["centers"],
+        )
     return manifest
 
 
@@ -165,8 +179,15 @@ def stream_epoch(cfg: DataConfig, split: str, mode: str, world_size: int, epoch:
             ids.extend(batch.patient_id)
             shape = tuple(batch.ct.shape)
         per_rank.append(
-            {"rank": rank, "batches": batches, "patients": len(ids), "unique": len(set(ids)),
-             "seconds": time.perf_counter() - t0, "ct_shape": shape, "ids": ids}
+            {
+                "rank": rank,
+                "batches": batches,
+                "patients": len(ids),
+                "unique": len(set(ids)),
+                "seconds": time.perf_counter() - t0,
+                "ct_shape": shape,
+                "ids": ids,
+            }
         )
     return {"split": split, "mode": mode, "ranks": per_rank}
 
@@ -241,7 +262,9 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per batch")
     p.add_argument("--max-slices", type=int, default=16, help="slices per patient (default: 16)")
     p.add_argument(
-        "--model-image-size", type=int, default=0,
+        "--model-image-size",
+        type=int,
+        default=0,
         help="pixels fed to the model; 0 = as stored in the shards (default: 0)",
     )
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
@@ -249,18 +272,28 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=224,
-                   help="stored slice size in pixels (default: 224, the paper's)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="stored slice size in pixels (default: 224, the paper's)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.15, help="of internal patients")
     p.add_argument("--test-fraction", type=float, default=0.15, help="of internal patients")
-    p.add_argument("--external-centers", default="",
-                   help="comma-separated centers held out as the 'external' split")
+    p.add_argument(
+        "--external-centers",
+        default="",
+        help="comma-separated centers held out as the 'external' split",
+    )
     p.add_argument("--split-seed", type=int, default=0, help="split seed (default: 0)")
     p.add_argument("--max-patients-per-shard", type=int, default=64)
     p.add_argument("--max-shard-mb", type=float, default=512.0)
-    p.add_argument("--allow-rejects", action="store_true",
-                   help="shard the valid patients of a cohort with defects; the rejected ones "
-                   "and why are recorded in manifest.json")
+    p.add_argument(
+        "--allow-rejects",
+        action="store_true",
+        help="shard the valid patients of a cohort with defects; the rejected ones "
+        "and why are recorded in manifest.json",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a synthetic multi-center cohort (raw layout)",
-                       description="Write a synthetic cohort in the raw layout plus its ground "
-                       "truth (linear predictors, oracle C-index) in a file beside it.")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic multi-center cohort (raw layout)",
+        description="Write a synthetic cohort in the raw layout plus its ground "
+        "truth (linear predictors, oracle C-index) in a file beside it.",
+    )
     p.add_argument("out", help="DATA_ROOT to create")
     p.add_argument("--truth", help="ground-truth JSON (default: <out>.truth.json beside out)")
     p.add_argument("--patients", type=int, default=200)
@@ -285,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor(p)
     p.set_defaults(fn=cmd_synth)
 
-    p = sub.add_parser("ingest", help="validate a raw export and report every defect",
-                       description="Read DATA_ROOT (docs/RAW_LAYOUT.md), report every defect "
-                       "with file, patient and field. Exit 1 if there are defects.")
+    p = sub.add_parser(
+        "ingest",
+        help="validate a raw export and report every defect",
+        description="Read DATA_ROOT (docs/RAW_LAYOUT.md), report every defect "
+        "with file, patient and field. Exit 1 if there are defects.",
+    )
     p.add_argument("raw", help="DATA_ROOT")
     p.add_argument("--report", help="also write the full report as JSON")
     p.add_argument("--no-pixels", action="store_true", help="skip decoding PNGs (tables only)")
@@ -295,9 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor(p)
     p.set_defaults(fn=cmd_ingest)
 
-    p = sub.add_parser("shard", help="validate, split and write WebDataset shards",
-                       description="Validate DATA_ROOT, assign patient-level splits, write "
-                       "tar shards and manifest.json (last) to OUT.")
+    p = sub.add_parser(
+        "shard",
+        help="validate, split and write WebDataset shards",
+        description="Validate DATA_ROOT, assign patient-level splits, write "
+        "tar shards and manifest.json (last) to OUT.",
+    )
     p.add_argument("raw", help="DATA_ROOT")
     p.add_argument("out", help="new shard folder")
     _add_shard_args(p)
@@ -310,18 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-only", action="store_true", help="skip sha256")
     p.set_defaults(fn=cmd_verify)
 
-    p = sub.add_parser("stream", help="stream one epoch per simulated rank and report",
-                       description="Stream one epoch of a split as each of --world-size ranks "
-                       "would, and print batch counts, coverage and speed.")
+    p = sub.add_parser(
+        "stream",
+        help="stream one epoch per simulated rank and report",
+        description="Stream one epoch of a split as each of --world-size ranks "
+        "would, and print batch counts, coverage and speed.",
+    )
     p.add_argument("shards", help="shard folder or s3:// / gs:// prefix")
     p.add_argument("--split", default="train")
     p.add_argument("--mode", choices=("train", "eval"), default="train")
     _add_stream_args(p)
     p.set_defaults(fn=cmd_stream)
 
-    p = sub.add_parser("train", help="the main job (today: prepare data and stream an epoch)",
-                       description="With no --data/--shards: make a synthetic cohort, shard it "
-                       "and stream one epoch per rank. Model training arrives with issue #4.")
+    p = sub.add_parser(
+        "train",
+        help="the main job (today: prepare data and stream an epoch)",
+        description="With no --data/--shards: make a synthetic cohort, shard it "
+        "and stream one epoch per rank. Model training arrives with issue #4.",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="raw DATA_ROOT to import and shard")
     src.add_argument("--shards", help="existing shard folder / prefix")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from helpers import TINY
 
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import ShardOptions, build_shards
 from mmdls_dist.data.splits import SplitRecipe
-from mmdls_dist.data.synth import SynthSpec, generate
-
-TINY = SynthSpec(n_patients=40, seed=7, n_centers=3, image_size=40, min_slices=4, max_slices=9)
+from mmdls_dist.data.synth import generate
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,10 @@ import numpy as np
 from PIL import Image
 
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
+from mmdls_dist.data.synth import SynthSpec
+
+# The shared synthetic cohort of the session fixtures (tests/conftest.py).
+TINY = SynthSpec(n_patients=40, seed=7, n_centers=3, image_size=40, min_slices=4, max_slices=9)
 
 GOOD_ROW = {
     "center": "C1",
@@ -73,8 +77,9 @@ def write_images(root: Path, pid: str, ct, lung, lesion=None, names=None) -> lis
     return names
 
 
-def good_patient(root: Path, pid: str, seed: int, n_slices: int = 3, size: int = 24,
-                 annotated: bool = True) -> tuple:
+def good_patient(
+    root: Path, pid: str, seed: int, n_slices: int = 3, size: int = 24, annotated: bool = True
+) -> tuple:
     ct, lung, lesion = volume(seed, n_slices, size)
     write_images(root, pid, ct, lung, lesion if annotated else None)
     return ct, lung, lesion

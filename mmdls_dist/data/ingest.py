@@ -293,9 +293,7 @@ def _radiomics(root: Path, records: dict[str, PatientRecord], report: IngestRepo
             try:
                 vector[j] = float(text)
             except ValueError:
-                defects.append(
-                    Defect(RADIOMICS_CSV, pid, name, f"is not a number (line {line})")
-                )
+                defects.append(Defect(RADIOMICS_CSV, pid, name, f"is not a number (line {line})"))
                 continue
             if not math.isfinite(vector[j]):
                 vector[j] = np.nan
@@ -332,9 +330,7 @@ def _compare_names(
         )
     if extra:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
-        out.append(
-            Defect(rel, pid, field_name, f"{len(extra)} file(s) with no ct/ slice: {shown}")
-        )
+        out.append(Defect(rel, pid, field_name, f"{len(extra)} file(s) with no ct/ slice: {shown}"))
     return out
 
 
@@ -425,7 +421,9 @@ def check_patient_images(
                 continue
             pixels = np.asarray(image.convert("L"))
             if np.any((pixels != MASK_VALUES[0]) & (pixels != MASK_VALUES[1])):
-                defects.append(Defect(rel, pid, kind, "mask is not binary (values other than 0/255)"))
+                defects.append(
+                    Defect(rel, pid, kind, "mask is not binary (values other than 0/255)")
+                )
     return defects, size
 
 

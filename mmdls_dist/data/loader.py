@@ -234,9 +234,7 @@ def _zscore(x: np.ndarray, mean, std) -> np.ndarray:
 def _finish(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Missing (NaN) -> 0 (the training mean after z-scoring) plus a True flag."""
     missing = np.isnan(x)
-    return torch.from_numpy(np.where(missing, 0.0, x).astype(np.float32)), torch.from_numpy(
-        missing
-    )
+    return torch.from_numpy(np.where(missing, 0.0, x).astype(np.float32)), torch.from_numpy(missing)
 
 
 def tabular(metas: list[dict], norm: dict) -> dict[str, torch.Tensor]:
@@ -390,9 +388,7 @@ class PatientStream(torch.utils.data.IterableDataset):
             raise ValueError(f"{cfg.shards}: split {split!r} has no shards (splits: {have})")
         self.counts = [e["n_patients"] for e in self.entries]
         self.n_patients = sum(self.counts)
-        self.steps = cfg.steps_per_epoch or train_steps(
-            self.n_patients, world_size, cfg.batch_size
-        )
+        self.steps = cfg.steps_per_epoch or train_steps(self.n_patients, world_size, cfg.batch_size)
         self.image_size = cfg.image_size or self.manifest["image_size"]
         self.epoch = 0
         ensure_verified(cfg.shards, self.entries, check_hash=cfg.verify == "full")
@@ -428,8 +424,9 @@ class PatientStream(torch.utils.data.IterableDataset):
         """Batches this rank yields per epoch (the same on every rank in train mode)."""
         if self.mode == "train":
             return self.steps
-        per_worker = (sum(s.stop - s.start for s in self.segments(w)) for w in
-                      range(self._workers()))
+        per_worker = (
+            sum(s.stop - s.start for s in self.segments(w)) for w in range(self._workers())
+        )
         return sum(-(-n // self.cfg.batch_size) for n in per_worker)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -104,8 +104,8 @@ def load_patient_arrays(
     lesion = np.zeros((n, image_size, image_size), dtype=bool)
     for i, name in enumerate(record.slice_files):
         ct[i] = np.asarray(_square(open_slice(base / "ct" / name)).resize(size, Image.BILINEAR))
-        kinds = (("lung", lung), ("lesion", lesion)) if record.lesion_annotated else (
-            ("lung", lung),
+        kinds = (
+            (("lung", lung), ("lesion", lesion)) if record.lesion_annotated else (("lung", lung),)
         )
         for kind, out in kinds:
             mask = _square(open_slice(base / kind / name).convert("L"))
@@ -169,9 +169,7 @@ class ShardPlan:
     records: tuple[PatientRecord, ...]
 
 
-def plan_shards(
-    by_split: dict[str, list[PatientRecord]], options: ShardOptions
-) -> list[ShardPlan]:
+def plan_shards(by_split: dict[str, list[PatientRecord]], options: ShardOptions) -> list[ShardPlan]:
     """Pack each split's patients (in the given order) into shards under both limits."""
     plans = []
     for split in SPLITS:
@@ -344,7 +342,9 @@ def load_manifest(root: str) -> dict:
         with fsspec.open(url, "rb") as stream:
             manifest = json.loads(stream.read())
     except FileNotFoundError as exn:
-        raise ShardError(f"{url}: no manifest.json (not a shard folder, or sharding unfinished)") from exn
+        raise ShardError(
+            f"{url}: no manifest.json (not a shard folder, or sharding unfinished)"
+        ) from exn
     except json.JSONDecodeError as exn:
         raise ShardError(f"{url}: manifest.json is not valid JSON ({exn.msg})") from exn
     if manifest.get("schema_version") != SCHEMA_VERSION:

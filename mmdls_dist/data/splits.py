@@ -88,7 +88,11 @@ def assign_splits(records: list[PatientRecord], recipe: SplitRecipe) -> dict[str
 
     names = ("train", "val", "test")
     shares = np.array(
-        [1.0 - recipe.val_fraction - recipe.test_fraction, recipe.val_fraction, recipe.test_fraction]
+        [
+            1.0 - recipe.val_fraction - recipe.test_fraction,
+            recipe.val_fraction,
+            recipe.test_fraction,
+        ]
     )
     counts = np.zeros(3)
     for i, pid in enumerate(order):

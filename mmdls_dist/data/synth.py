@@ -238,9 +238,7 @@ def render_patient(
     theta = np.arctan2(y - cy, x - cx)
     spikes = 1 / (1 + np.exp(-1.5 * factors["margin"]))  # 0 smooth .. 1 spiculated
     phases = rng.uniform(0, 2 * np.pi, 3)
-    wobble = sum(
-        np.cos(k * theta + p) for k, p in zip((5, 7, 11), phases, strict=True)
-    ) / 3.0
+    wobble = sum(np.cos(k * theta + p) for k, p in zip((5, 7, 11), phases, strict=True)) / 3.0
     r_eff = r * (1 + 0.45 * spikes * wobble)
     dist = np.sqrt(((x - cx) / r_eff) ** 2 + ((y - cy) / r_eff) ** 2 + ((z - cz) / rz) ** 2)
     lesion = dist < 1
@@ -340,7 +338,10 @@ def generate(
             continue
         rad = {"patient_id": pid}
         rad.update(
-            {nm: _cell(round(f["radiomics"][i, j], 5), rad_missing[i, j]) for j, nm in enumerate(names)}
+            {
+                nm: _cell(round(f["radiomics"][i, j], 5), rad_missing[i, j])
+                for j, nm in enumerate(names)
+            }
         )
         rad_rows.append(rad)
     _write_csv(root / "radiomics.csv", ["patient_id", *names], rad_rows)
@@ -353,8 +354,16 @@ def generate(
         size = max(32, int(round(spec.image_size * center.size_scale / 8)) * 8)
         factors = {k: float(f[k][i]) for k in FACTOR_KEYS}
         jobs.append(
-            (str(root), pid, factors, center, int(n_slices[i]), size, int(seeds[i]),
-             bool(f["annotated"][i]))
+            (
+                str(root),
+                pid,
+                factors,
+                center,
+                int(n_slices[i]),
+                size,
+                int(seeds[i]),
+                bool(f["annotated"][i]),
+            )
         )
     mapper(_write_images, jobs)
 
@@ -373,7 +382,8 @@ def _truth(spec: SynthSpec, f: dict, ids: list[str], label_missing: np.ndarray) 
         known = ~label_missing[:, g]
         endpoints[endpoint] = {
             "oracle_cindex": harrell_cindex(
-                f[f"eta_{endpoint}"][known], f[f"{endpoint}_time"][known],
+                f[f"eta_{endpoint}"][known],
+                f[f"{endpoint}_time"][known],
                 f[f"{endpoint}_event"][known],
             ),
             "event_rate": float(f[f"{endpoint}_event"][known].mean()),

@@ -22,8 +22,7 @@ def test_ray_sharding_equals_serial(ray_session, synth_cohort, synth_report, tmp
     serial = build_shards(synth_report, tmp_path / "serial", recipe, options)
     parallel_report = read_cohort(root, mapper=ray_mapper(), chunk_size=5)
     assert parallel_report.ok and len(parallel_report.records) == len(synth_report.records)
-    parallel = build_shards(parallel_report, tmp_path / "ray", recipe, options,
-                            mapper=ray_mapper())
+    parallel = build_shards(parallel_report, tmp_path / "ray", recipe, options, mapper=ray_mapper())
     assert len(serial["shards"]) >= 6
     assert parallel == serial  # same shards, same sha256s, same manifest
     for entry in serial["shards"]:

@@ -72,8 +72,10 @@ def bad_cohort(tmp_path):
     cells = [str(v) for v in np.linspace(-1, 1, N_RADIOMICS)]
     bad_cells = list(cells)
     bad_cells[5] = "n/a"
-    write_radiomics(root, {"OK1": cells, "GHOST": cells, "OK2": bad_cells[:5] + [""] + cells[6:],
-                           "CODES": bad_cells})
+    write_radiomics(
+        root,
+        {"OK1": cells, "GHOST": cells, "OK2": bad_cells[:5] + [""] + cells[6:], "CODES": bad_cells},
+    )
     return root
 
 
@@ -82,7 +84,9 @@ def test_every_defect_is_reported_in_one_pass(bad_cohort):
     assert report.n_read == 15
 
     d = _find(report, "MISSLUNG", "lung")[0]
-    assert d.file == "images/MISSLUNG/lung" and "1 slice file(s) of ct/ missing: s01.png" in d.message
+    assert (
+        d.file == "images/MISSLUNG/lung" and "1 slice file(s) of ct/ missing: s01.png" in d.message
+    )
 
     d = _find(report, "EXTRA", "lesion")[0]
     assert "no ct/ slice: zz_extra.png" in d.message
@@ -110,7 +114,9 @@ def test_every_defect_is_reported_in_one_pass(bad_cohort):
     assert "must be > 0" in _find(report, "TIMES", "dfs_time")[0].message
     assert "must be > 0" in _find(report, "TIMES", "os_time")[0].message
 
-    assert "code outside the table (allowed: 0, 1)" in _find(report, "EVENT", "dfs_event")[0].message
+    assert (
+        "code outside the table (allowed: 0, 1)" in _find(report, "EVENT", "dfs_event")[0].message
+    )
     assert "is not a number" in _find(report, "EVENT", "os_event")[0].message
 
     for field in ("age", "suv_max", "tlg"):  # "NA"/"nan" are defects, not missing values
@@ -132,8 +138,22 @@ def test_kept_and_rejected_are_counted_and_named(bad_cohort):
     report = read_cohort(bad_cohort)
     assert sorted(r.patient_id for r in report.records) == ["OK1", "OK2"]
     rejected = set(report.rejected)
-    assert {"MISSLUNG", "EXTRA", "SIZE", "NONBIN", "BROKEN", "DUP", "CODES", "TIMES", "EVENT",
-            "TEXT", "RGB", "NOIMG", "ORPHAN", "GHOST"} == rejected
+    assert {
+        "MISSLUNG",
+        "EXTRA",
+        "SIZE",
+        "NONBIN",
+        "BROKEN",
+        "DUP",
+        "CODES",
+        "TIMES",
+        "EVENT",
+        "TEXT",
+        "RGB",
+        "NOIMG",
+        "ORPHAN",
+        "GHOST",
+    } == rejected
     summary = report.summary()
     assert "15 patients read, 2 kept, 14 rejected" in summary
     assert report.to_dict()["n_kept"] == 2
@@ -192,7 +212,9 @@ def test_wrong_radiomics_width(tmp_path):
     (root / "radiomics.csv").write_text("patient_id,a,b\nP1,1,2\n")
     report = read_cohort(root)
     assert report.defects[0].file == "radiomics.csv"
-    assert f"expected patient_id + {N_RADIOMICS} feature columns, found 2" in report.defects[0].message
+    assert (
+        f"expected patient_id + {N_RADIOMICS} feature columns, found 2" in report.defects[0].message
+    )
 
 
 @pytest.mark.parametrize(

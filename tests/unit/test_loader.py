@@ -35,8 +35,17 @@ def test_train_plan_gives_equal_quota_and_covers_each_patient_once(counts, world
     for rank in range(world):
         ids = []
         for w in range(workers):
-            segs = train_segments(counts, seed=1, epoch=3, rank=rank, world_size=world,
-                                  worker=w, num_workers=workers, steps=steps, batch_size=batch)
+            segs = train_segments(
+                counts,
+                seed=1,
+                epoch=3,
+                rank=rank,
+                world_size=world,
+                worker=w,
+                num_workers=workers,
+                steps=steps,
+                batch_size=batch,
+            )
             got = _expand(segs, counts)
             assert len(got) % batch == 0  # only full batches inside a worker
             ids += got
@@ -62,8 +71,10 @@ def test_eval_plan_partitions_the_split(counts, world, workers):
     ids = []
     for rank in range(world):
         for w in range(workers):
-            ids += _expand(eval_segments(counts, rank=rank, world_size=world, worker=w,
-                                         num_workers=workers), counts)
+            ids += _expand(
+                eval_segments(counts, rank=rank, world_size=world, worker=w, num_workers=workers),
+                counts,
+            )
     assert sorted(ids) == [(s, i) for s, n in enumerate(counts) for i in range(n)]
 
 
@@ -127,21 +138,31 @@ def test_more_slices_than_max_are_subsampled_evenly():
 
 
 def test_slice_subsampling_and_model_size(shard_dir):
-    cfg = DataConfig(shards=str(shard_dir), batch_size=2, num_workers=0, max_slices=3,
-                     image_size=16)
+    cfg = DataConfig(
+        shards=str(shard_dir), batch_size=2, num_workers=0, max_slices=3, image_size=16
+    )
     batch = next(iter(make_loader(cfg, "val", "eval")))
     assert batch.ct.shape == (2, 3, 16, 16) and batch.ct.dtype == torch.uint8
     assert batch.lung_mask.shape == (2, 3, 16, 16)
     assert set(batch.lung_mask.unique().tolist()) <= {0, 1}
     assert batch.slice_mask.all()  # every synthetic patient has >= 4 slices
-    full = next(iter(make_loader(DataConfig(shards=str(shard_dir), batch_size=2, num_workers=0,
-                                            max_slices=3), "val", "eval")))
+    full = next(
+        iter(
+            make_loader(
+                DataConfig(shards=str(shard_dir), batch_size=2, num_workers=0, max_slices=3),
+                "val",
+                "eval",
+            )
+        )
+    )
     assert full.ct.shape[-1] == 32
-    expected = torch.nn.functional.interpolate(full.ct.float(), size=(16, 16), mode="bilinear",
-                                               antialias=True).round()
+    expected = torch.nn.functional.interpolate(
+        full.ct.float(), size=(16, 16), mode="bilinear", antialias=True
+    ).round()
     assert torch.equal(batch.ct.float(), expected)
-    nearest = torch.nn.functional.interpolate(full.lesion_mask.float(), size=(16, 16),
-                                              mode="nearest")
+    nearest = torch.nn.functional.interpolate(
+        full.lesion_mask.float(), size=(16, 16), mode="nearest"
+    )
     assert torch.equal(batch.lesion_mask.float(), nearest)
 
 
@@ -161,8 +182,9 @@ def test_object_store_style_url(shard_dir):
     cfg = DataConfig(shards=url, batch_size=2, num_workers=0)
     ids = [p for b in make_loader(cfg, "val", "eval") for p in b.patient_id]
     manifest = load_manifest(url)
-    assert sorted(ids) == sorted(k for e in manifest["shards"] if e["split"] == "val"
-                                 for k in e["keys"])
+    assert sorted(ids) == sorted(
+        k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]
+    )
 
 
 def test_npy_view_is_zero_copy_and_exact():

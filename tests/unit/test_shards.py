@@ -107,8 +107,9 @@ def test_resampling_to_stored_size_matches_pil(synth_cohort, synth_report, shard
     batches = _all_batches(shard_dir, "train", max_slices=16) + _all_batches(
         shard_dir, "external", max_slices=16
     )
-    b, i = next((b, b.patient_id.index(rec.patient_id)) for b in batches
-                if rec.patient_id in b.patient_id)
+    b, i = next(
+        (b, b.patient_id.index(rec.patient_id)) for b in batches if rec.patient_id in b.patient_id
+    )
     first = Image.open(root / "images" / rec.patient_id / "ct" / rec.slice_files[0])
     expected = np.asarray(first.resize((32, 32), Image.BILINEAR))
     assert np.array_equal(b.ct[i, 0].numpy(), expected)
@@ -156,8 +157,10 @@ def test_sharding_is_reproducible(synth_report, shard_dir, tmp_path):
 
 def test_byte_limit_splits_shards(synth_report, tmp_path):
     manifest = build_shards(
-        synth_report, tmp_path / "s", SplitRecipe(), ShardOptions(image_size=128,
-                                                                  max_shard_bytes=2**20)
+        synth_report,
+        tmp_path / "s",
+        SplitRecipe(),
+        ShardOptions(image_size=128, max_shard_bytes=2**20),
     )
     assert all(e["bytes"] <= 2**20 for e in manifest["shards"])
     train = [e for e in manifest["shards"] if e["split"] == "train"]
@@ -212,8 +215,11 @@ def test_defects_block_sharding_unless_allowed(tmp_path):
         build_shards(report, tmp_path / "s1", SplitRecipe(), ShardOptions(image_size=16))
     assert not (tmp_path / "s1" / "manifest.json").exists()
     manifest = build_shards(
-        report, tmp_path / "s2", SplitRecipe(val_fraction=0.0, test_fraction=0.0),
-        ShardOptions(image_size=16), allow_rejects=True,
+        report,
+        tmp_path / "s2",
+        SplitRecipe(val_fraction=0.0, test_fraction=0.0),
+        ShardOptions(image_size=16),
+        allow_rejects=True,
     )
     assert manifest["source"] == {"n_read": 3, "n_kept": 2, "n_rejected": 1}
     assert "histology" in manifest["rejected"]["BAD"][0]

@@ -20,9 +20,18 @@ def _records(n: int, seed: int = 0) -> list[PatientRecord]:
                 patient_id=f"P{i:04d}",
                 center=f"C{rng.integers(4)}",
                 row=i + 2,
-                labels={"histology": float(rng.integers(2)), "tnm_stage": float(rng.integers(3)),
-                        "dfs_time": 1.0, "dfs_event": 1.0, "os_time": 1.0, "os_event": 0.0},
-                clinical={}, pet={}, radiomics=np.zeros(128), slice_files=["a.png"],
+                labels={
+                    "histology": float(rng.integers(2)),
+                    "tnm_stage": float(rng.integers(3)),
+                    "dfs_time": 1.0,
+                    "dfs_event": 1.0,
+                    "os_time": 1.0,
+                    "os_event": 0.0,
+                },
+                clinical={},
+                pet={},
+                radiomics=np.zeros(128),
+                slice_files=["a.png"],
                 lesion_annotated=True,
             )
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 from lifelines.utils import concordance_index
 from PIL import Image
 
