@@ -145,12 +145,23 @@ def parse_cell(text: str, column: Column) -> tuple[float | None, str | None]:
 def _read_csv(path: Path, rel: str, defects: list[Defect]) -> pd.DataFrame | None:
     # Everything as text, with pandas' NA guessing off: "NA" or "nan" in an export is a
     # defect to report, not a missing value to accept silently. Only "" means missing.
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would
+    # otherwise become part of the first column's name.
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        table = pd.read_csv(
+            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exn:
         reason = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
         defects.append(Defect(rel, None, "(csv)", f"cannot be parsed as CSV: {reason}"))
         return None
+    if len(table.columns) == 1 and ";" in table.columns[0]:
+        defects.append(
+            Defect(rel, None, "(csv)", "columns are separated by ';'; the contract is ','")
+        )
+        return None
+    table.columns = [c.strip() for c in table.columns]
+    return table
 
 
 def _clinical_rows(root: Path, report: IngestReport) -> dict[str, PatientRecord]:
@@ -163,7 +174,6 @@ def _clinical_rows(root: Path, report: IngestReport) -> dict[str, PatientRecord]
     table = _read_csv(path, CLINICAL_CSV, defects)
     if table is None:
         return {}
-    table.columns = [c.strip() for c in table.columns]
     missing = [c for c in CLINICAL_CSV_COLUMNS if c not in table.columns]
     for name in missing:
         defects.append(Defect(CLINICAL_CSV, None, name, "required column is missing"))
@@ -244,7 +254,6 @@ def _radiomics(root: Path, records: dict[str, PatientRecord], report: IngestRepo
     table = _read_csv(path, RADIOMICS_CSV, defects)
     if table is None:
         return []
-    table.columns = [c.strip() for c in table.columns]
     if "patient_id" not in table.columns:
         defects.append(Defect(RADIOMICS_CSV, None, "patient_id", "required column is missing"))
         return []

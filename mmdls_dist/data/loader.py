@@ -48,7 +48,7 @@ from mmdls_dist.data.schema import (
     Batch,
     unpack_masks,
 )
-from mmdls_dist.data.shards import ShardError, join_url, load_manifest, verify_shards
+from mmdls_dist.data.shards import ShardError, join_url, load_manifest, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -349,17 +349,25 @@ def resize(ct: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Tens
     return ct_r, torch.from_numpy(repacked)
 
 
-_VERIFIED: set[tuple[str, str]] = set()
+_HASHED: set[tuple[str, str]] = set()
 
 
 def ensure_verified(root: str, entries: Sequence[dict], check_hash: bool) -> None:
-    """Verify shards against the manifest once per process; raise naming every bad shard."""
-    todo = [e for e in entries if (join_url(root, e["name"]), e["sha256"]) not in _VERIFIED]
-    problems = verify_shards(root, {"shards": todo}, check_hash=check_hash)
+    """Check shards against the manifest; raise naming every bad shard.
+
+    Sizes are checked every time (cheap); the sha256 once per process and shard, since a
+    training run builds loaders again (resume, Tune trials) over the same unchanged files.
+    """
+    problems = []
+    for entry in entries:
+        key = (join_url(root, entry["name"]), entry["sha256"])
+        problem = verify_shard(root, entry, check_hash=check_hash and key not in _HASHED)
+        if problem:
+            problems.append(problem)
+        elif check_hash:
+            _HASHED.add(key)
     if problems:
         raise ShardError("shards do not match manifest.json:\n  " + "\n  ".join(problems))
-    if check_hash:
-        _VERIFIED.update((join_url(root, e["name"]), e["sha256"]) for e in todo)
 
 
 class PatientStream(torch.utils.data.IterableDataset):
@@ -379,6 +387,8 @@ class PatientStream(torch.utils.data.IterableDataset):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if not cfg.shards:
+            raise ValueError("data.shards is empty: give the shard folder or URL")
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size = rank, world_size
         self.manifest = manifest if manifest is not None else load_manifest(cfg.shards)
@@ -432,8 +442,12 @@ class PatientStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None and info.num_workers != self._workers():
-            raise RuntimeError("DataLoader num_workers differs from data.num_workers")
+        # Streams are planned for data.num_workers workers; any other count would read only
+        # part of the plan (or parts twice), so it is refused rather than silently wrong.
+        if max(1, info.num_workers if info is not None else 0) != self._workers():
+            raise RuntimeError(
+                "DataLoader num_workers differs from data.num_workers; build it with make_loader"
+            )
         samples = read_segments(self.cfg.shards, self.entries, self.segments(worker))
         if self.mode == "train" and self.cfg.shuffle_buffer > 1:
             rng = random.Random(hash((self.cfg.seed, self.epoch, self.rank, worker)))

@@ -233,3 +233,16 @@ def test_wrong_radiomics_width(tmp_path):
 )
 def test_parse_cell(text, column, value, error):
     assert parse_cell(text, column) == (value, error)
+
+
+def test_byte_order_mark_is_accepted_and_semicolons_are_named(tmp_path):
+    root = tmp_path / "raw"
+    write_clinical(root, [row("P1")])
+    good_patient(root, "P1", seed=0)
+    text = (root / "clinical.csv").read_text()
+    (root / "clinical.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert read_cohort(root).ok
+    (root / "clinical.csv").write_text(text.replace(",", ";"))
+    report = read_cohort(root)
+    assert report.defects[0].file == "clinical.csv"
+    assert "separated by ';'" in report.defects[0].message

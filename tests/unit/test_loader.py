@@ -18,7 +18,7 @@ from mmdls_dist.data.loader import (
     train_segments,
 )
 from mmdls_dist.data.schema import unpack_masks
-from mmdls_dist.data.shards import _npy_bytes, load_manifest
+from mmdls_dist.data.shards import ShardError, _npy_bytes, load_manifest
 
 
 def _expand(segments, counts):
@@ -185,6 +185,30 @@ def test_object_store_style_url(shard_dir):
     assert sorted(ids) == sorted(
         k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]
     )
+
+
+def test_any_fsspec_filesystem(shard_dir):
+    """An in-memory fsspec filesystem stands in for object storage (s3fs / gcsfs)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in shard_dir.iterdir():
+        fs.pipe(f"/bucket/shards/{path.name}", path.read_bytes())
+    cfg = DataConfig(shards="memory://bucket/shards", batch_size=2, num_workers=0)
+    ids = [p for b in make_loader(cfg, "val", "eval") for p in b.patient_id]
+    manifest = load_manifest(str(shard_dir))
+    expected = [k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]]
+    assert sorted(ids) == sorted(expected)
+    fs.pipe("/bucket/shards/" + manifest["splits"]["val"]["shards"][0], b"oops")
+    with pytest.raises(ShardError, match="truncated"):
+        make_loader(cfg, "val", "eval")
+
+
+def test_worker_count_mismatch_is_refused(shard_dir):
+    cfg = DataConfig(shards=str(shard_dir), batch_size=2, num_workers=2)
+    stream = make_loader(cfg, "val", "eval").dataset
+    with pytest.raises(RuntimeError, match="num_workers differs"):
+        list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
 
 
 def test_npy_view_is_zero_copy_and_exact():
