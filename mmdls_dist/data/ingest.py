@@ -430,8 +430,9 @@ def check_patient_images(
                 continue
             pixels = np.asarray(image.convert("L"))
             if np.any((pixels != MASK_VALUES[0]) & (pixels != MASK_VALUES[1])):
+                hint = "; it looks 0/1-coded" if pixels.max() == 1 else ""
                 defects.append(
-                    Defect(rel, pid, kind, "mask is not binary (values other than 0/255)")
+                    Defect(rel, pid, kind, f"mask is not binary (values other than 0/255{hint})")
                 )
     return defects, size
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import TINY
 from lifelines.utils import concordance_index
 from PIL import Image
+from sksurv.metrics import concordance_index_censored
 
 from mmdls_dist.data.synth import SynthSpec, generate, oracle_cindex
 
@@ -64,6 +65,8 @@ def test_oracle_cindex_matches_lifelines(synth_report, synth_cohort):
         t = np.array([labels[p][0] for p in ids])
         e = np.array([labels[p][1] for p in ids])
         expected = concordance_index(t, -eta, e)  # lifelines: higher score = longer survival
+        sksurv_c = concordance_index_censored(e.astype(bool), t, eta)[0]
+        assert sksurv_c == pytest.approx(expected, abs=1e-9)
         assert oracle_cindex(truth, ids, endpoint, labels) == pytest.approx(expected, abs=1e-6)
         assert truth["endpoints"][endpoint]["oracle_cindex"] == pytest.approx(expected, abs=1e-6)
 

@@ -1,0 +1,64 @@
+"""The command line as a data manager uses it: exit codes and what it prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from helpers import good_patient, row, volume, write_clinical, write_images
+
+from mmdls_dist.cli import main
+
+
+def test_ingest_reports_defects_and_exit_code(tmp_path, capsys):
+    root = tmp_path / "raw"
+    write_clinical(root, [row("P1"), row("P2", tnm_stage="4")])
+    good_patient(root, "P1", seed=0)
+    ct, lung, lesion = volume(1)
+    write_images(root, "P2", ct, lung, (lesion // 255).astype(np.uint8))  # 0/1-coded mask
+    report = tmp_path / "report.json"
+    rc = main(["ingest", str(root), "--executor", "serial", "--report", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "2 patients read, 1 kept, 1 rejected" in out
+    assert "clinical.csv: patient P2: tnm_stage: code outside the table" in out
+    assert "images/P2/lesion/s00.png: patient P2: lesion: mask is not binary" in out
+    assert "looks 0/1-coded" in out
+    saved = json.loads(report.read_text())
+    assert saved["kept"] == ["P1"] and list(saved["rejected"]) == ["P2"]
+
+    shutil.rmtree(root / "images" / "P2")
+    write_clinical(root, [row("P1")])
+    assert main(["ingest", str(root), "--executor", "serial"]) == 0
+
+
+def test_shard_verify_and_stream(tmp_path, capsys, synth_cohort):
+    raw, _ = synth_cohort
+    out = tmp_path / "shards"
+    args = ["shard", str(raw), str(out), "--executor", "serial", "--image-size", "32"]
+    assert main(args + ["--external-centers", "HOSP-A"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert "shards match manifest.json" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["splits"]["external"]["centers"]) == {"HOSP-A"}
+
+    victim = out / manifest["shards"][0]["name"]
+    victim.write_bytes(victim.read_bytes()[:-1024])
+    assert main(["verify", str(out)]) == 1
+    assert f"{victim} : shard is truncated".replace(" :", ":") in capsys.readouterr().out
+
+    assert main(args) == 2  # the folder already holds shards: refused, not overwritten
+    n_val = manifest["splits"]["val"]["n_patients"]
+    assert main(["stream", str(out), "--split", "val", "--mode", "eval", "--num-workers", "0"]) == 0
+    assert f"all ranks: {n_val} patients read, {n_val} distinct" in capsys.readouterr().out
+
+
+def test_help_explains_every_command(capsys):
+    for command in ("synth", "ingest", "shard", "verify", "stream", "train"):
+        try:
+            main([command, "--help"])
+        except SystemExit as done:
+            assert done.code == 0
+        text = capsys.readouterr().out
+        assert f"usage: mmdls {command}" in text and "--" in text
