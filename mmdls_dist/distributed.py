@@ -1,0 +1,47 @@
+"""The one thin adapter over torch.distributed: rank, world size and gathers.
+
+Inside Ray Train the process group already exists (Ray created it); nothing here creates
+one. Outside a process group everything degrades to the single-process case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """All-gather 1-D tensors of possibly different lengths per rank, concatenated in rank
+    order. The calling rank's own slice is its input tensor itself, so gradients flow into
+    its local graph; the other ranks' slices are constants. Returns (tensors, world_size).
+
+    Why not torch.distributed.nn.all_gather: that one sends gradients back to their owners,
+    and combined with DDP's own gradient averaging would count every term twice. Here each
+    rank differentiates only through its own patients and the caller scales the loss by the
+    world size, so DDP's average equals the full-batch gradient exactly.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(tensors), 1
+    device = tensors[0].device
+    n = torch.tensor([tensors[0].shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes_list = [int(s.item()) for s in sizes]
+    longest = max(sizes_list)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        pieces = [p[:k] for p, k in zip(parts, sizes_list, strict=True)]
+        pieces[rank] = t
+        out.append(torch.cat(pieces))
+    return out, world

@@ -1,0 +1,72 @@
+"""LesionEncoder and SpaceEncoder: per-slice vectors for the lesion and the lung space around it.
+
+Both views are formed from soft masks (the segmentor's predictions, optionally mixed with
+ground truth during warm-up), so gradients flow back into the segmentor and inference needs
+CT only. Two implementations:
+
+* "features" (MaskPoolEncoder): mask-weighted average pooling of the segmentor's own
+  feature maps (decoder map at stride 4 and encoder map at stride 16) plus the soft area.
+  Nothing is convolved twice.
+* "pixels" (PixelEncoder): the original MM-DLS design, a small conv encoder over the masked
+  full-resolution CT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from mmdls_dist.model.segmentor import conv_norm_act
+
+EPS = 1e-4
+
+
+def masked_mean(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """features [N,C,h,w], weight [N,1,H,W] in [0,1] -> [N,C] weighted spatial mean."""
+    if weight.shape[-2:] != features.shape[-2:]:
+        weight = F.adaptive_avg_pool2d(weight, features.shape[-2:])
+    return (features * weight).sum((2, 3)) / (weight.sum((2, 3)) + EPS)
+
+
+def log_area(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N,1,H,W] -> [N,1] log of the soft area fraction: pooling is blind to size."""
+    return torch.log(weight.mean((2, 3)) + EPS)
+
+
+def mlp(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(c_in, c_out), nn.GELU(), nn.Dropout(dropout), nn.Linear(c_out, c_out)
+    )
+
+
+class MaskPoolEncoder(nn.Module):
+    """(decoder map [N,D,h,w], encoder map [N,C,h',w'], soft mask [N,1,h,w]) -> [N,E]."""
+
+    def __init__(self, decoder_width: int, encoder_width: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.proj = mlp(decoder_width + encoder_width + 1, embed_dim, dropout)
+
+    def forward(
+        self, decoder_map: torch.Tensor, encoder_map: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        pooled = [masked_mean(decoder_map, mask), masked_mean(encoder_map, mask), log_area(mask)]
+        return self.proj(torch.cat(pooled, dim=1))
+
+
+class PixelEncoder(nn.Module):
+    """(CT [N,1,H,W], soft mask [N,1,H,W]) -> [N,E] by convolving the masked image."""
+
+    def __init__(self, width: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.convs = nn.Sequential(
+            conv_norm_act(2, width, stride=2),
+            conv_norm_act(width, 2 * width, stride=2),
+            conv_norm_act(2 * width, 4 * width, stride=2),
+            conv_norm_act(4 * width, 4 * width, stride=2),
+        )
+        self.proj = mlp(4 * width + 1, embed_dim, dropout)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.convs(torch.cat([image * mask, mask], dim=1))
+        return self.proj(torch.cat([x.mean((2, 3)), log_area(mask)], dim=1))

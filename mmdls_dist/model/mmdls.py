@@ -1,0 +1,144 @@
+"""MM-DLS as one network: segmentor -> lesion / lung-space encoders -> slice fusion ->
+patient fusion with radiomics, PET and clinical data -> task heads. Trained end to end.
+
+Shapes: B patients, S slice slots, N = real slices in the batch, H x W pixels, E embed_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from mmdls_dist.config import ModelConfig
+from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
+from mmdls_dist.model.encoders import MaskPoolEncoder, PixelEncoder
+from mmdls_dist.model.fusion import PatientFusion, SliceFusion, TaskHeads
+from mmdls_dist.model.segmentor import Segmentor
+
+PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
+CT_MEAN, CT_STD = 0.5, 0.25  # of ct / 255; a fixed affine map, so no data statistics needed
+
+
+@dataclass
+class ModelOutput:
+    """What the network predicts for a Batch."""
+
+    histology_logit: torch.Tensor  # [B] logit of LUSC
+    stage_logits: torch.Tensor  # [B,3] I-II / III / IV
+    dfs_log_hazard: torch.Tensor  # [B] Cox log relative hazard
+    os_log_hazard: torch.Tensor  # [B]
+    lung_logits: torch.Tensor | None = None  # [B,S,H,W]; PAD_LOGIT on padded slices
+    lesion_logits: torch.Tensor | None = None  # [B,S,H,W]
+    slice_weights: torch.Tensor | None = None  # [B,S] attention pooling weights (0 on padding)
+
+
+def _scatter(values: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """values [N,...] for the True entries of valid [B,S] -> [B,S,...] (fill elsewhere)."""
+    out = values.new_full((*valid.shape, *values.shape[1:]), fill)
+    return out.index_put((valid,), values)
+
+
+class MMDLS(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.embed_dim
+        if cfg.use_imaging:
+            self.segmentor = Segmentor(
+                cfg.widths, cfg.blocks_per_stage, cfg.decoder_width, cfg.cross_attention_heads
+            )
+            if cfg.encoder_input == "features":
+                self.lesion_encoder = MaskPoolEncoder(
+                    cfg.decoder_width, cfg.widths[2], e, cfg.dropout
+                )
+                self.space_encoder = MaskPoolEncoder(
+                    cfg.decoder_width, cfg.widths[2], e, cfg.dropout
+                )
+            else:
+                self.lesion_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
+                self.space_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
+            self.slice_token = nn.Linear(2 * e, e)
+            self.slice_fusion = SliceFusion(e, cfg.fusion_heads, cfg.fusion_layers, cfg.dropout)
+        tabular = {}
+        if cfg.use_clinical:
+            tabular["clinical"] = len(CLINICAL_FEATURES)
+        if cfg.use_pet:
+            tabular["pet"] = len(PET_FEATURES)
+        if cfg.use_radiomics:
+            tabular["radiomics"] = N_RADIOMICS
+        self.patient_fusion = PatientFusion(
+            e,
+            tabular,
+            cfg.use_imaging,
+            cfg.tabular_hidden,
+            cfg.patient_fusion,
+            cfg.fusion_heads,
+            cfg.dropout,
+        )
+        self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
+
+    def _view_masks(
+        self,
+        batch: Batch,
+        valid: torch.Tensor,
+        lung_p: torch.Tensor,
+        lesion_p: torch.Tensor,
+        gt_weight: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft masks that form the encoders' views: predictions, blended with ground truth
+        (weight gt_weight) where the patient has it, e.g. during a warm-up."""
+        size = lung_p.shape[-2:]
+        gt_lung = F.adaptive_avg_pool2d(batch.lung_mask[valid].unsqueeze(1).float(), size)
+        gt_lesion = F.adaptive_avg_pool2d(batch.lesion_mask[valid].unsqueeze(1).float(), size)
+        lung_p = gt_weight * gt_lung + (1 - gt_weight) * lung_p
+        annotated = batch.lesion_annotated[:, None].expand_as(valid)[valid]
+        w = gt_weight * annotated.to(lesion_p.dtype)[:, None, None, None]
+        return lung_p, w * gt_lesion + (1 - w) * lesion_p
+
+    def _imaging(self, batch: Batch, gt_weight: float) -> dict[str, torch.Tensor]:
+        valid = batch.slice_mask
+        ct = batch.ct[valid].unsqueeze(1).float()  # [N,1,H,W]: uint8 -> float on the device
+        x = (ct / 255.0 - CT_MEAN) / CT_STD
+        seg = self.segmentor(x)
+        lung_p, lesion_p = torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
+        if gt_weight > 0:
+            lung_p, lesion_p = self._view_masks(batch, valid, lung_p, lesion_p, gt_weight)
+        space_p = lung_p * (1 - lesion_p)  # lung parenchyma around the lesion
+        if self.cfg.encoder_input == "features":
+            lesion = self.lesion_encoder(seg.lesion_features, seg.features[2], lesion_p)
+            space = self.space_encoder(seg.lung_features, seg.features[2], space_p)
+        else:
+            full = x.shape[-2:]
+            lesion = self.lesion_encoder(x, F.interpolate(lesion_p, size=full, mode="bilinear"))
+            space = self.space_encoder(x, F.interpolate(space_p, size=full, mode="bilinear"))
+        tokens = _scatter(self.slice_token(torch.cat([lesion, space], dim=1)), valid)
+        imaging, weights = self.slice_fusion(tokens, valid)
+        full = batch.ct.shape[-2:]
+        logits = {}
+        for name, small in (("lung_logits", seg.lung_logits), ("lesion_logits", seg.lesion_logits)):
+            up = F.interpolate(small, size=full, mode="bilinear", align_corners=False)[:, 0]
+            logits[name] = _scatter(up, valid, PAD_LOGIT)
+        return {"imaging": imaging, "slice_weights": weights, **logits}
+
+    def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
+        """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground
+        truth masks into the encoders' views (training warm-up); 0 at inference, where only
+        CT and tables are read."""
+        if not 0.0 <= gt_mask_weight <= 1.0:
+            raise ValueError(f"gt_mask_weight must be in [0, 1], got {gt_mask_weight}")
+        imaging = self._imaging(batch, gt_mask_weight) if self.cfg.use_imaging else {}
+        tabular = {
+            "clinical": (batch.clinical, batch.clinical_missing),
+            "pet": (batch.pet, batch.pet_missing),
+            "radiomics": (batch.radiomics, batch.radiomics_missing),
+        }
+        h = self.patient_fusion(imaging.get("imaging"), tabular)
+        return ModelOutput(
+            **self.heads(h),
+            lung_logits=imaging.get("lung_logits"),
+            lesion_logits=imaging.get("lesion_logits"),
+            slice_weights=imaging.get("slice_weights"),
+        )

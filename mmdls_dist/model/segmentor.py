@@ -1,0 +1,151 @@
+"""Lung-lesion segmentor: a shared ResNet encoder, lung and lesion decoders, and
+transformer cross-attention from lesion to lung features at the bottleneck.
+
+Works on single slices: N = number of real (non-padded) slices in the batch. GroupNorm, not
+BatchNorm: per-GPU batches are a few patients, and a slice's output must not depend on which
+other slices share its batch (padding invariance, train/eval parity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        norm(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with a (projected) identity shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = norm(c_out)
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        y = self.norm2(self.conv2(y))
+        return F.relu(y + self.shortcut(x), inplace=True)
+
+
+class ResNetEncoder(nn.Module):
+    """[N,1,H,W] -> 4 feature maps at strides 4, 8, 16, 32 with `widths` channels.
+
+    The stem reaches stride 4 with two strided 3x3 convs: at 224 px the first stage then
+    runs at 56 x 56, which keeps 30 slices per patient affordable on a CPU.
+    """
+
+    def __init__(self, widths: tuple[int, ...], blocks: int):
+        super().__init__()
+        self.stem = nn.Sequential(
+            conv_norm_act(1, widths[0], stride=2), conv_norm_act(widths[0], widths[0], stride=2)
+        )
+        stages = []
+        c_in = widths[0]
+        for i, width in enumerate(widths):
+            layers = [BasicBlock(c_in, width, stride=1 if i == 0 else 2)]
+            layers += [BasicBlock(width, width, stride=1) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+            c_in = width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class CrossAttention(nn.Module):
+    """Lesion tokens attend to lung tokens (pre-norm transformer block, residual)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, lesion: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+        """lesion, lung: [N,C,h,w] -> lesion [N,C,h,w] enriched with lung context."""
+        n, c, h, w = lesion.shape
+        q = lesion.flatten(2).transpose(1, 2)  # [N, h*w, C]
+        kv = self.norm_kv(lung.flatten(2).transpose(1, 2))
+        q = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]
+        q = q + self.ff(self.norm_ff(q))
+        return q.transpose(1, 2).reshape(n, c, h, w)
+
+
+class Decoder(nn.Module):
+    """FPN-style top-down decoder: 4 encoder maps -> [N,D,H/4,W/4] features + 1-channel logits."""
+
+    def __init__(self, widths: tuple[int, ...], dim: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(w, dim, 1) for w in widths)
+        self.smooth = nn.ModuleList(conv_norm_act(dim, dim) for _ in widths[:-1])
+        self.head = nn.Conv2d(dim, 1, 1)
+
+    def top(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.lateral[-1](features[-1])
+
+    def forward(
+        self, features: list[torch.Tensor], top: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = top
+        for i in range(len(features) - 2, -1, -1):
+            up = F.interpolate(x, size=features[i].shape[-2:], mode="nearest")
+            x = self.smooth[i](self.lateral[i](features[i]) + up)
+        return x, self.head(x)
+
+
+@dataclass
+class SegmentorOutput:
+    """Per real slice. N slices, D = decoder width, h x w = H/4 x W/4."""
+
+    features: list[torch.Tensor]  # encoder maps, strides 4..32
+    lung_features: torch.Tensor  # [N,D,h,w] lung decoder's last map
+    lesion_features: torch.Tensor  # [N,D,h,w]
+    lung_logits: torch.Tensor  # [N,1,h,w]
+    lesion_logits: torch.Tensor  # [N,1,h,w]
+
+
+class Segmentor(nn.Module):
+    def __init__(self, widths: tuple[int, ...], blocks: int, decoder_width: int, heads: int):
+        super().__init__()
+        self.encoder = ResNetEncoder(widths, blocks)
+        self.lung_decoder = Decoder(widths, decoder_width)
+        self.lesion_decoder = Decoder(widths, decoder_width)
+        self.cross = CrossAttention(decoder_width, heads)
+
+    def forward(self, x: torch.Tensor) -> SegmentorOutput:
+        """x: float [N,1,H,W] normalised CT -> SegmentorOutput (logits at H/4 x W/4)."""
+        features = self.encoder(x)
+        lung_top = self.lung_decoder.top(features)
+        lesion_top = self.cross(self.lesion_decoder.top(features), lung_top)
+        lung_f, lung_logits = self.lung_decoder(features, lung_top)
+        lesion_f, lesion_logits = self.lesion_decoder(features, lesion_top)
+        return SegmentorOutput(features, lung_f, lesion_f, lung_logits, lesion_logits)

@@ -1,0 +1,143 @@
+"""The MM-DLS network: shapes, gradients, padding invariance, CT-only inference, switches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmdls_dist.config import DataConfig, ModelConfig
+from mmdls_dist.data.loader import make_loader
+from mmdls_dist.data.schema import Batch
+from mmdls_dist.model.mmdls import MMDLS, PAD_LOGIT
+
+TINY = dict(
+    widths=(4, 8, 8, 16),
+    decoder_width=8,
+    cross_attention_heads=2,
+    embed_dim=16,
+    fusion_heads=2,
+    tabular_hidden=16,
+    pixel_encoder_width=4,
+)
+
+
+@pytest.fixture(scope="module")
+def batch(shard_dir) -> Batch:
+    cfg = DataConfig(shards=str(shard_dir), batch_size=4, max_slices=6, num_workers=0)
+    return next(iter(make_loader(cfg, "train", "eval")))
+
+
+def _model(**overrides) -> MMDLS:
+    torch.manual_seed(0)
+    return MMDLS(ModelConfig(**{**TINY, **overrides}))
+
+
+def _repad(batch: Batch, slots: int) -> Batch:
+    """The same patients with `slots` slice slots (extra slots are padding)."""
+    b, s = batch.slice_mask.shape
+    extra = slots - s
+    pad = {
+        "ct": torch.zeros(b, extra, *batch.ct.shape[2:], dtype=torch.uint8),
+        "masks": torch.zeros(b, 2, extra, batch.masks.shape[-1], dtype=torch.uint8),
+        "slice_mask": torch.zeros(b, extra, dtype=torch.bool),
+    }
+    return dataclasses.replace(
+        batch,
+        ct=torch.cat([batch.ct, pad["ct"]], 1),
+        masks=torch.cat([batch.masks, pad["masks"]], 2),
+        slice_mask=torch.cat([batch.slice_mask, pad["slice_mask"]], 1),
+    )
+
+
+@pytest.mark.parametrize("encoder_input", ["features", "pixels"])
+def test_output_shapes(batch, encoder_input):
+    out = _model(encoder_input=encoder_input).eval()(batch)
+    b, s, h, w = batch.ct.shape
+    assert out.histology_logit.shape == (b,) and out.stage_logits.shape == (b, 3)
+    assert out.dfs_log_hazard.shape == (b,) and out.os_log_hazard.shape == (b,)
+    assert out.lung_logits.shape == (b, s, h, w) == out.lesion_logits.shape
+    assert out.slice_weights.shape == (b, s)
+    assert torch.allclose(out.slice_weights.sum(1), torch.ones(b))
+    assert torch.all(out.lung_logits[~batch.slice_mask] == PAD_LOGIT)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"encoder_input": "pixels"},
+        {"patient_fusion": "concat", "survival_sees_classification": False},
+        {"fusion_layers": 2, "blocks_per_stage": 2},
+    ],
+)
+def test_gradient_reaches_every_parameter(batch, overrides):
+    model = _model(dropout=0.0, **overrides)
+    out = model(batch, gt_mask_weight=0.5)
+    loss = (
+        out.histology_logit.sum()
+        + out.stage_logits.sum()
+        + out.dfs_log_hazard.sum()
+        + out.os_log_hazard.sum()
+        + out.lung_logits[batch.slice_mask].mean()
+        + out.lesion_logits[batch.slice_mask].mean()
+    )
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient: {missing}"
+
+
+@pytest.mark.parametrize("encoder_input", ["features", "pixels"])
+def test_padding_slices_changes_nothing(batch, encoder_input):
+    model = _model(encoder_input=encoder_input).eval()
+    with torch.no_grad():
+        a = model(batch)
+        b = model(_repad(batch, batch.slice_mask.shape[1] + 5))
+    for name in ("histology_logit", "stage_logits", "dfs_log_hazard", "os_log_hazard"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+    s = batch.slice_mask.shape[1]
+    assert torch.allclose(a.lung_logits, b.lung_logits[:, :s], atol=1e-5)
+    assert torch.allclose(a.slice_weights, b.slice_weights[:, :s], atol=1e-6)
+    assert torch.all(b.slice_weights[:, s:] == 0)
+
+
+def test_ct_only_inference(batch):
+    """New patients come without masks: zeroed masks change nothing at gt_mask_weight=0."""
+    model = _model().eval()
+    ct_only = dataclasses.replace(
+        batch,
+        masks=torch.zeros_like(batch.masks),
+        lesion_annotated=torch.zeros_like(batch.lesion_annotated),
+    )
+    with torch.no_grad():
+        a, b = model(batch), model(ct_only)
+        warm = model(batch, gt_mask_weight=1.0)
+    assert torch.equal(a.os_log_hazard, b.os_log_hazard)
+    assert torch.equal(a.lesion_logits, b.lesion_logits)
+    assert not torch.allclose(a.os_log_hazard, warm.os_log_hazard)  # warm-up does use masks
+    with pytest.raises(ValueError, match="gt_mask_weight"):
+        model(batch, gt_mask_weight=1.5)
+
+
+def test_single_modality_switches(batch):
+    other_ct = dataclasses.replace(batch, ct=torch.flip(batch.ct, dims=[-1]))
+    no_tab = dataclasses.replace(
+        batch,
+        clinical=torch.zeros_like(batch.clinical),
+        pet=torch.zeros_like(batch.pet),
+        radiomics=torch.zeros_like(batch.radiomics),
+    )
+    tabular_only = _model(use_imaging=False).eval()
+    assert not hasattr(tabular_only, "segmentor")
+    with torch.no_grad():
+        assert torch.equal(tabular_only(batch).os_log_hazard, tabular_only(other_ct).os_log_hazard)
+        assert tabular_only(batch).lung_logits is None
+    imaging_only = _model(use_clinical=False, use_pet=False, use_radiomics=False).eval()
+    with torch.no_grad():
+        assert torch.equal(imaging_only(batch).os_log_hazard, imaging_only(no_tab).os_log_hazard)
+        assert not torch.equal(
+            imaging_only(batch).os_log_hazard, imaging_only(other_ct).os_log_hazard
+        )
+    with pytest.raises(ValueError, match="at least one"):
+        ModelConfig(use_imaging=False, use_clinical=False, use_pet=False, use_radiomics=False)
