@@ -108,9 +108,12 @@ def cox_loss(
         values, world = gather(*values)
     all_hz, all_time, all_event, all_known = values
     keep = all_known > 0
+    n_patients = int(keep.sum().item())
     n_events = int(all_event[keep].sum().item())
-    if n_events == 0:
-        return CoxTerm(_zero(log_hz), int(keep.sum().item()), 0)
+    if n_events == 0 or n_patients < 2:
+        # No event, or a lone patient (its own risk set: log-likelihood 0, and torchsurv
+        # rejects 1-element inputs): nothing to compare, a connected zero.
+        return CoxTerm(_zero(log_hz), n_patients, n_events)
     with warnings.catch_warnings():
         # torchsurv warns on every tied time; ties are normal in months-rounded follow-up
         # and are handled by the chosen method, so the warning would only flood the logs.
@@ -120,7 +123,7 @@ def cox_loss(
         )
     value = nll / n_events
     scaled = world * value - (world - 1) * value.detach()
-    return CoxTerm(scaled, int(keep.sum().item()), n_events)
+    return CoxTerm(scaled, n_patients, n_events)
 
 
 class TaskWeighting(nn.Module):
