@@ -108,43 +108,17 @@ def _shard_options(args: argparse.Namespace):
     )
 
 
-def _shard(raw: str, out: str, args: argparse.Namespace) -> dict:
-    from mmdls_dist.data.ingest import read_cohort
-    from mmdls_dist.data.shards import build_shards
-
-    recipe, options = _split_recipe(args), _shard_options(args)
-    t0 = time.perf_counter()
-    report = read_cohort(raw, mapper=_mapper(args.executor, "check images", args.ray_address))
-    log.info("%s", report.summary(max_defects=50))
-    manifest = build_shards(
-        report,
-        out,
-        recipe,
-        options,
-        allow_rejects=args.allow_rejects,
-        mapper=_mapper(args.executor, "write shards", args.ray_address),
-    )
-    total = sum(e["bytes"] for e in manifest["shards"])
-    log.info(
-        "wrote %d shards (%.1f MiB) to %s in %.1fs",
-        len(manifest["shards"]),
-        total / 2**20,
-        out,
-        time.perf_counter() - t0,
-    )
-    for split, info in manifest["splits"].items():
-        log.info(
-            "  %-8s %4d patients, %d shards, centers %s",
-            split,
-            info["n_patients"],
-            len(info["shards"]),
-            info["centers"],
-        )
-    return manifest
-
-
 def cmd_shard(args: argparse.Namespace) -> int:
-    _shard(args.raw, args.out, args)
+    from mmdls_dist.prep import shard_cohort
+
+    shard_cohort(
+        args.raw,
+        args.out,
+        _split_recipe(args),
+        _shard_options(args),
+        lambda desc: _mapper(args.executor, desc, args.ray_address),
+        args.allow_rejects,
+    )
     return 0
 
 
@@ -222,38 +196,67 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """The embedded default: data -> shards -> one streamed epoch per simulated rank."""
-    from mmdls_dist.data.shards import MANIFEST, load_manifest
-    from mmdls_dist.data.synth import SynthSpec, generate
+    """The main job: data (given, or a synthetic cohort) -> shards -> Ray Train DDP run."""
+    import dataclasses
 
-    work = Path(args.workdir)
-    shards = args.shards
-    truth = None
-    if shards is None:
-        raw = args.data
-        if raw is None:
-            raw = str(work / "synthetic" / "raw")
-            truth_path = work / "synthetic" / "truth.json"
-            if not (Path(raw) / "clinical.csv").exists():
-                log.info("no --data or --shards given: generating a synthetic cohort in %s", raw)
-                spec = SynthSpec(n_patients=args.patients, seed=args.seed)
-                generate(spec, raw, truth_path, mapper=_mapper(args.executor, "synth"))
-            truth = json.loads(truth_path.read_text())
-        shards = str(work / "shards")
-        if (Path(shards) / MANIFEST).exists():
-            log.info("reusing shards in %s (delete the folder to re-shard)", shards)
-        else:
-            _shard(raw, shards, args)
-    manifest = load_manifest(shards)
-    cfg = _data_config(args, shards)
-    _print_stream(stream_epoch(cfg, "train", "train", args.world_size))
-    if "val" in manifest["splits"]:
-        _print_stream(stream_epoch(cfg, "val", "eval", args.world_size))
-    if truth is not None:
-        oracle = {k: round(v["oracle_cindex"], 3) for k, v in truth["endpoints"].items()}
-        print(f"synthetic ground truth: oracle C-index {oracle}")
-    print(f"shards: {shards}\nmodel training arrives with issue #4; this run checked the data path")
+    from mmdls_dist import parallel
+    from mmdls_dist.config import dump_yaml, load_config
+    from mmdls_dist.prep import resolve_data
+    from mmdls_dist.train import fit
+
+    cfg = load_config(args.config, args.set)
+    if "://" not in cfg.run.storage_path:  # Ray wants an absolute local path
+        storage = str(Path(cfg.run.storage_path).resolve())
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage))
+    parallel.init_ray(args.ray_address)
+    cfg, truth, raw = resolve_data(
+        cfg,
+        raw=args.data,
+        shards=args.shards,
+        workdir=Path(args.workdir),
+        mapper=lambda desc: _mapper("ray", desc),
+    )
+    log.info("resolved config:\n%s", dump_yaml(cfg))
+    result = fit(cfg)
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    _print_summary(cfg, result, truth, raw)
     return 0
+
+
+def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
+    from mmdls_dist.data.shards import load_manifest
+    from mmdls_dist.tensorboard import tensorboard_dir
+    from mmdls_dist.train import BEST, local_run_dir, run_url
+
+    metrics = result.metrics or {}
+    oracle = {}
+    if truth is not None and raw is not None:
+        from mmdls_dist.data.ingest import read_cohort
+        from mmdls_dist.data.synth import oracle_metrics
+
+        manifest = load_manifest(cfg.data.shards)
+        val = {k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]}
+        records = [r for r in read_cohort(raw, check_pixels=False).records if r.patient_id in val]
+        oracle = oracle_metrics(truth, records)
+    print(
+        f"\nrun {cfg.run.name!r}: {metrics.get('epoch', -1) + 1} epochs, "
+        f"{metrics.get('global_step', 0)} optimizer steps"
+    )
+    print(f"{'validation metric':<22}{'model':>8}{'oracle':>9}")
+    for key in (
+        "auc_histology",
+        "auc_stage",
+        "cindex_dfs",
+        "cindex_os",
+        "dice_lung",
+        "dice_lesion",
+    ):
+        value = metrics.get(f"val/{key}", float("nan"))
+        ref = f"{oracle[key]:9.3f}" if key in oracle else f"{'':>9}"
+        print(f"  {key:<20}{value:8.3f}{ref}")
+    print(f"checkpoints : {run_url(cfg)}  (best: {BEST})")
+    print(f"tensorboard : tensorboard --logdir {tensorboard_dir(cfg, local_run_dir(cfg))}")
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -366,19 +369,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="the main job (today: prepare data and stream an epoch)",
-        description="With no --data/--shards: make a synthetic cohort, shard it "
-        "and stream one epoch per rank. Model training arrives with issue #4.",
+        help="the main job: DDP training on Ray Train",
+        description="Train MM-DLS with Ray Train (DDP). With no --data, --shards or "
+        "data.shards it makes a synthetic cohort (the config's prep block), shards it and "
+        "trains on it: the embedded default. Under `ray job submit` it joins that cluster; "
+        "otherwise it starts a local Ray. Starting the same run.name again resumes it.",
+    )
+    p.add_argument(
+        "--config",
+        default="debug",
+        help="preset (debug, default, paper) or a YAML file (default: debug)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, repeatable (e.g. --set optim.lr=3e-4)",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="raw DATA_ROOT to import and shard")
-    src.add_argument("--shards", help="existing shard folder / prefix")
-    p.add_argument("--workdir", default="mmdls-work", help="outputs (default: ./mmdls-work)")
-    p.add_argument("--patients", type=int, default=160, help="synthetic cohort size")
-    _add_shard_args(p)
-    p.set_defaults(image_size=64)
-    _add_stream_args(p)
-    _add_executor(p)
+    src.add_argument("--data", help="raw DATA_ROOT to import and shard (prep block options)")
+    src.add_argument("--shards", help="existing shard folder / prefix (overrides data.shards)")
+    p.add_argument(
+        "--workdir",
+        default="mmdls-work",
+        help="where generated data and shards go (default: ./mmdls-work)",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
     p.set_defaults(fn=cmd_train)
     return parser
 

@@ -1,7 +1,9 @@
-"""Typed configuration blocks. Each field has one doc line (unit, valid range) and is
-validated on creation; unknown keys and wrong types fail loudly, naming the field.
+"""Typed configuration. Each field has one doc line (unit, valid range) and is validated on
+creation; unknown keys and wrong types fail loudly, naming the field.
 
-Issue #4 adds the model / optimisation / run blocks and YAML presets on the same machinery.
+YAML presets live in mmdls_dist/configs/ (debug, default, paper); `load_config(preset,
+overrides)` applies repeated `section.key=value` overrides (values parsed as YAML). What
+Ray and Tune carry is `to_dict(cfg)`; workers rebuild the Config with `from_dict`.
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "configs"
 
 
 def _check_type(path: str, value: Any, hint: Any) -> Any:
@@ -192,3 +199,158 @@ class LossConfig:
             "cox_dfs": self.w_dfs,
             "cox_os": self.w_os,
         }
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation schedule."""
+
+    epochs: int = 10  # training epochs, >= 1
+    lr: float = 1e-3  # AdamW peak learning rate, > 0
+    weight_decay: float = 0.01  # AdamW decoupled weight decay, >= 0
+    warmup_epochs: float = 1.0  # linear warm-up length in epochs, >= 0; then cosine decay
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr, [0, 1]
+    grad_accum: int = 1  # micro-batches per optimizer step (DDP syncs on the last), >= 1
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "auto"  # "auto" (bf16 on GPUs with it, else fp16 + GradScaler; fp32 on
+    # CPU), "fp32", "bf16" or "fp16"
+    gt_mask_warmup_epochs: int = 2  # epochs blending ground-truth masks into the encoders'
+    # views, weight decaying linearly from 1 to 0; 0 = predicted masks from the start
+    early_stopping_patience: int = 0  # epochs without improvement of run.metric; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise ValueError("optim.epochs and optim.grad_accum must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise ValueError("optim.lr must be > 0; weight_decay, warmup_epochs, grad_clip >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("optim.min_lr_ratio must be in [0, 1]")
+        _choice("optim.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if self.gt_mask_warmup_epochs < 0 or self.early_stopping_patience < 0:
+            raise ValueError("optim.gt_mask_warmup_epochs and early_stopping_patience >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives and what resources it takes (Ray Train's scaling and run config)."""
+
+    name: str = "mmdls"  # run name; starting the same name again resumes it
+    storage_path: str = "mmdls-work/runs"  # local folder or s3:// / gs:// URI
+    num_workers: int = 2  # DDP ranks (Ray Train workers), >= 1
+    use_gpu: bool = False  # one GPU per worker when True
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker, > 0
+    max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
+    checkpoints_to_keep: int = 3  # newest + best by run.metric are kept; 0 = keep all
+    metric: str = "val/cindex_os"  # validation metric for best checkpoint / early stopping
+    mode: str = "max"  # "max" or "min" for run.metric
+    seed: int = 0  # model init and dropout seed (ranks add their rank)
+    tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (local storage only)
+    overlays: int = 4  # segmentation overlays logged to TensorBoard per epoch, >= 0
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError("run.name must be non-empty and contain no '/'")
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ValueError("run.num_workers must be >= 1 and run.cpus_per_worker > 0")
+        if self.max_failures < 0 or self.checkpoints_to_keep < 0 or self.overlays < 0:
+            raise ValueError("run.max_failures, checkpoints_to_keep and overlays must be >= 0")
+        _choice("run.mode", self.mode, ("max", "min"))
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """The embedded default's data: a synthetic cohort, made and sharded when no data is given."""
+
+    patients: int = 240  # synthetic cohort size, >= 20
+    centers: int = 3  # synthetic centers, 1..4
+    synth_image_size: int = 64  # base slice size of the synthetic PNGs
+    min_slices: int = 8  # synthetic slices per patient
+    max_slices: int = 16
+    shard_image_size: int = 64  # stored slice size in the shards
+    val_fraction: float = 0.2
+    test_fraction: float = 0.1
+    external_centers: tuple[str, ...] = ()  # centers held out as the external split
+    seed: int = 0  # cohort and split seed
+
+    def __post_init__(self) -> None:
+        if self.patients < 20:
+            raise ValueError("prep.patients must be >= 20")
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """Fault injection for tests and failure drills: off unless fail_at_step >= 0."""
+
+    fail_at_step: int = -1  # global optimizer step at which to fail once; -1 = never
+    fail_rank: int = 0  # which rank fails
+    fail_mode: str = "raise"  # "raise" an exception or "sigkill" the worker process
+
+    def __post_init__(self) -> None:
+        _choice("chaos.fail_mode", self.fail_mode, ("raise", "sigkill"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; each builder gets only its own block."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """ "section.key=value" -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form section.key=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ValueError(f"override {text!r}: the key must be section.key (e.g. optim.lr)")
+    return keys, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply overrides to a nested dict copy; unknown sections/keys are caught by from_dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (debug, default, paper) or a path to a YAML file."""
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ValueError(f"config {name_or_path!r} is neither a preset ({', '.join(names)}) nor a file")
+
+
+def load_config(name_or_path: str = "default", overrides: list[str] | None = None) -> Config:
+    """YAML preset or file + overrides -> validated Config."""
+    path = preset_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections")
+    try:
+        return from_dict(Config, apply_overrides(data, overrides or []))
+    except (TypeError, ValueError) as exn:
+        raise ValueError(f"{path.name}: {exn}") from exn
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The full resolved config as YAML that load_config accepts unchanged."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -25,7 +25,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard process serves the state API that Ray Train's placement-group
+        # cleanup polls; it listens on 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def serial_mapper(desc: str = "") -> Callable[[Callable, Sequence], list]:

@@ -30,9 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torchsurv.metrics.cindex import ConcordanceIndex
 
 from mmdls_dist.data.ingest import Mapper, serial_map
 from mmdls_dist.data.schema import (
@@ -41,6 +39,7 @@ from mmdls_dist.data.schema import (
     N_RADIOMICS,
     PET_COLUMNS,
 )
+from mmdls_dist.metrics import harrell_cindex
 
 
 @dataclass(frozen=True)
@@ -272,17 +271,6 @@ def _write_images(args: tuple) -> int:
     return n_slices
 
 
-def harrell_cindex(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
-    """Harrell's C (higher risk = earlier event), via torchsurv on CPU tensors."""
-    return float(
-        ConcordanceIndex()(
-            torch.as_tensor(risk, dtype=torch.float32),
-            torch.as_tensor(event, dtype=torch.bool),
-            torch.as_tensor(time, dtype=torch.float32),
-        )
-    )
-
-
 def _cell(value: float, missing: bool, integer: bool = False) -> str:
     if missing or np.isnan(value):
         return ""
@@ -424,3 +412,24 @@ def oracle_cindex(truth: dict, patient_ids: Sequence[str], endpoint: str, labels
     time = np.array([labels[p][0] for p in keep])
     event = np.array([labels[p][1] for p in keep])
     return harrell_cindex(risk, time, event)
+
+
+def oracle_metrics(truth: dict, records: Sequence) -> dict[str, float]:
+    """What the true model scores on these patients (PatientRecords): C-index of the true
+    linear predictors and AUC of the true LUSC logit, with the same label gaps as the data."""
+    from mmdls_dist.metrics import binary_auc
+
+    out = {}
+    for endpoint in ("dfs", "os"):
+        labels = {
+            r.patient_id: (r.labels[f"{endpoint}_time"], r.labels[f"{endpoint}_event"])
+            for r in records
+            if r.labels[f"{endpoint}_time"] is not None
+        }
+        out[f"cindex_{endpoint}"] = oracle_cindex(truth, list(labels), endpoint, labels)
+    known = [r for r in records if r.labels["histology"] is not None]
+    out["auc_histology"] = binary_auc(
+        np.array([truth["patients"][r.patient_id]["lusc_logit"] for r in known]),
+        np.array([int(r.labels["histology"]) for r in known]),
+    )
+    return out

@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -31,21 +31,43 @@ def test_ray_sharding_equals_serial(ray_session, synth_cohort, synth_report, tmp
 
 
 def test_main_job_runs_on_the_embedded_default(ray_session, tmp_path, capsys, caplog):
+    """`mmdls train` with no data: synthetic cohort -> shards -> Ray Train -> summary."""
+    from test_train import TINY
+
     work = tmp_path / "work"
-    rc = main(["train", "--workdir", str(work), "--patients", "30", "--num-workers", "1"])
-    assert rc == 0
+    args = [
+        "train",
+        "--workdir",
+        str(work),
+        "--set",
+        "prep.patients=40",
+        "--set",
+        "prep.synth_image_size=32",
+        "--set",
+        "prep.shard_image_size=32",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        f"run.storage_path={tmp_path / 'runs'}",
+    ]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
     out = capsys.readouterr().out
     manifest = load_manifest(str(work / "shards"))
-    n_train = manifest["splits"]["train"]["n_patients"]
-    steps = n_train // 8
-    assert f"rank 0: {steps} batches" in out and f"rank 1: {steps} batches" in out
-    n_val = manifest["splits"]["val"]["n_patients"]
-    assert f"all ranks: {n_val} patients read, {n_val} distinct" in out
+    steps = manifest["splits"]["train"]["n_patients"] // 6
+    assert f"run 'debug': 1 epochs, {steps} optimizer steps" in out
     truth = json.loads((work / "synthetic" / "truth.json").read_text())
-    assert f"'dfs': {round(truth['endpoints']['dfs']['oracle_cindex'], 3)}" in out
+    assert truth["spec"]["n_patients"] == 40
+    for key in ("auc_histology", "cindex_dfs", "cindex_os", "dice_lesion"):
+        assert f"  {key}" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("cindex_os"))
+    model, oracle = (float(x) for x in row.split()[1:3])  # model and oracle columns
+    assert 0.0 <= model <= 1.0 and 0.5 < oracle <= 1.0
+    assert f"tensorboard --logdir {tmp_path / 'runs' / 'debug' / 'tensorboard'}" in out
     # A second run reuses data and shards instead of regenerating them.
     before = (work / "shards" / "manifest.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="mmdls"):
-        assert main(["train", "--workdir", str(work), "--num-workers", "0"]) == 0
+    with caplog.at_level("INFO", logger="mmdls_dist"):
+        assert main(args + ["--set", "optim.epochs=2"]) == 0
     assert "reusing shards" in caplog.text
     assert (work / "shards" / "manifest.json").stat().st_mtime_ns == before

@@ -1,0 +1,137 @@
+"""Checkpoint contents, compatibility checks and the run folder's bookkeeping files.
+
+A checkpoint directory holds:
+  state.pt      model / optimizer / scheduler / scaler state, progress, RNG states: tensors and
+                plain Python values only, so it loads with torch.load(weights_only=True)
+  config.json   the resolved config and the data manifest hash it was trained with
+  metrics.json  the epoch's reported metrics
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE = "state.pt"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+# Config fields that may change between a run and its resumption: where and how it runs,
+# how long, and loader performance knobs. Everything else changes the experiment.
+RESUMABLE_CHANGES = (
+    "run.",
+    "chaos.",
+    "prep.",
+    "optim.epochs",
+    "optim.early_stopping_patience",
+    "data.shards",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "data.verify",
+)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """Resuming with a different experiment config or different data."""
+
+
+@dataclass
+class Progress:
+    """Training progress saved with every checkpoint."""
+
+    epoch: int = 0  # next epoch to run
+    global_step: int = 0  # optimizer steps taken so far
+    best: float | None = None  # best value of run.metric so far
+    bad_epochs: int = 0  # epochs since the best (early stopping)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ, ignoring RESUMABLE_CHANGES."""
+    a, b = flatten(saved), flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
+    return diffs
+
+
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+    """Raise IncompatibleCheckpointError naming every difference in config or data."""
+    diffs = config_differences(saved["config"], current["config"])
+    if saved["manifest_hash"] != current["manifest_hash"]:
+        diffs.append(
+            f"data: manifest hash {saved['manifest_hash'][:12]} in the run, "
+            f"{current['manifest_hash'][:12]} now (different shards)"
+        )
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"cannot resume {where}: the config or data differ from the run's:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse a new run.name, or restore the original settings"
+        )
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def save(
+    directory: str | Path,
+    *,
+    modules: dict[str, Any],
+    progress: Progress,
+    identity: dict,
+    metrics: dict,
+) -> None:
+    """Write a checkpoint. modules: name -> object with state_dict() (None entries skipped)."""
+    directory = Path(directory)
+    state = {name: m.state_dict() for name, m in modules.items() if m is not None}
+    state["progress"] = asdict(progress)
+    state["rng"] = rng_state()
+    torch.save(state, directory / STATE)
+    (directory / CONFIG).write_text(json.dumps(identity, indent=1))
+    (directory / METRICS).write_text(json.dumps(metrics, indent=1))
+
+
+def load(directory: str | Path) -> tuple[dict, dict]:
+    """-> (state, identity). weights_only: a checkpoint can never execute code on load."""
+    directory = Path(directory)
+    state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    identity = json.loads((directory / CONFIG).read_text())
+    return state, identity

@@ -1,0 +1,486 @@
+"""Distributed training on Ray Train: the per-worker loop and the TorchTrainer around it.
+
+Flow: Config -> dict (what Ray carries) -> rebuilt in each worker -> loaders, model, losses,
+optimizer -> per step Batch -> ModelOutput -> LossOutput -> per epoch metrics ->
+ray.train.report (+ checkpoint from rank 0) -> TensorBoard and the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmdls_dist import checkpoint
+from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
+from mmdls_dist.data.loader import make_loader
+from mmdls_dist.data.schema import Batch
+from mmdls_dist.data.shards import join_url, load_manifest, manifest_hash
+from mmdls_dist.distributed import gather_with_grad, rank_and_world
+from mmdls_dist.losses import TaskWeighting, compute_losses
+from mmdls_dist.metrics import dice_per_patient, summarize
+from mmdls_dist.model.mmdls import MMDLS
+
+log = logging.getLogger(__name__)
+
+RUN_IDENTITY = "mmdls_run.json"
+BEST = "best.json"
+
+
+class TrainModule(nn.Module):
+    """Model + task weighting in one module, so DDP also syncs learned task weights."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.loss_cfg = cfg.loss
+        self.model = MMDLS(cfg.model)
+        self.weighting = TaskWeighting(cfg.loss)
+
+    def forward(self, batch: Batch, gt_mask_weight: float):
+        output = self.model(batch, gt_mask_weight)
+        losses = compute_losses(output, batch, self.loss_cfg, self.weighting, gather_with_grad)
+        return output, losses
+
+
+def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """-> (autocast dtype or None, use a GradScaler)."""
+    if device.type != "cuda":
+        return None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[
+        precision
+    ]
+
+
+def lr_lambda(cfg: OptimConfig, steps_per_epoch: int):
+    """Linear warm-up then cosine decay to min_lr_ratio, per optimizer step."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def gt_mask_weight(epoch: int, cfg: OptimConfig) -> float:
+    """Ground-truth share of the encoders' views: 1 at epoch 0, linearly to 0 at the end of
+    the warm-up (then predicted masks only, as at inference)."""
+    if cfg.gt_mask_warmup_epochs == 0:
+        return 0.0
+    return max(0.0, 1.0 - epoch / cfg.gt_mask_warmup_epochs)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _maybe_fail(cfg: Config, rank: int, step: int, marker: Path | None) -> None:
+    """Chaos hook: fail once at the configured step (the marker file makes it once)."""
+    chaos = cfg.chaos
+    if chaos.fail_at_step != step or rank != chaos.fail_rank or marker is None:
+        return
+    if marker.exists():
+        return
+    marker.write_text(f"failed at step {step}\n")
+    log.warning("chaos: failing rank %d at step %d (%s)", rank, step, chaos.fail_mode)
+    if chaos.fail_mode == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"chaos: injected failure at step {step}")
+
+
+class Trainer:
+    """Everything one worker holds for a run. Methods are the steps of the loop."""
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int, world: int, prepare):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.manifest = load_manifest(cfg.data.shards)
+        self.train_loader = make_loader(cfg.data, "train", "train", rank, world, self.manifest)
+        self.val_loader = make_loader(cfg.data, "val", "eval", rank, world, self.manifest)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        module = TrainModule(cfg)
+        if device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        self.module = prepare(module)
+        self.core: TrainModule = getattr(self.module, "module", self.module)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.optim.grad_accum)
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim, self.steps_per_epoch)
+        )
+        self.amp_dtype, use_scaler = amp_settings(cfg.optim.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.progress = checkpoint.Progress()
+        self.identity = {"config": to_dict(cfg), "manifest_hash": manifest_hash(self.manifest)}
+        torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def restore(self, directory: str) -> None:
+        state, identity = checkpoint.load(directory)
+        checkpoint.check_compatible(identity, self.identity, f"run {self.cfg.run.name!r}")
+        self.core.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = checkpoint.Progress(**state["progress"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save(self, directory: str, metrics: dict) -> None:
+        checkpoint.save(
+            directory,
+            modules={
+                "module": self.core,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+            },
+            progress=self.progress,
+            identity=self.identity,
+            metrics=metrics,
+        )
+
+    def _step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, float]:
+        sync = self.world == 1 or last_micro
+        no_sync = getattr(self.module, "no_sync", None)
+        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+            with self.autocast():
+                _, losses = self.module(batch, gt_weight)
+            loss = losses.total / self.cfg.optim.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if last_micro:
+            self._optimizer_step()
+        return {k: float(v.detach()) for k, v in losses.parts.items()} | {
+            "loss": float(losses.total.detach())
+        }
+
+    def _optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.global_step += 1
+
+    def train_epoch(self, epoch: int, chaos_marker: Path | None) -> dict[str, float]:
+        self.module.train()
+        self.train_loader.dataset.set_epoch(epoch)
+        gt_weight = gt_mask_weight(epoch, self.cfg.optim)
+        sums: dict[str, float] = defaultdict(float)
+        n_batches, n_patients, waited = 0, 0, 0.0
+        accum = self.cfg.optim.grad_accum
+        t0 = tick = time.perf_counter()
+        for i, batch in enumerate(self.train_loader):
+            waited += time.perf_counter() - tick
+            batch = batch.to(self.device)
+            last = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
+            for key, value in self._step(batch, gt_weight, last).items():
+                sums[key] += value
+            n_batches += 1
+            n_patients += len(batch)
+            if last:
+                _maybe_fail(self.cfg, self.rank, self.progress.global_step, chaos_marker)
+            tick = time.perf_counter()
+        seconds = time.perf_counter() - t0
+        keys = sorted(sums)
+        totals = _all_reduce_sum(
+            [sums[k] for k in keys] + [n_batches, n_patients, waited], self.device
+        )
+        batches_all, patients_all, waited_all = totals[-3:]
+        metrics = {
+            f"train/{'loss' if k == 'loss' else 'loss_' + k}": v / batches_all
+            for k, v in zip(keys, totals, strict=False)
+        }
+        metrics["train/patients_per_s"] = patients_all / seconds
+        metrics["train/data_wait_fraction"] = waited_all / (self.world * seconds)
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/gt_mask_weight"] = gt_weight
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[dict], Batch | None, object]:
+        """Every val patient once across ranks; predictions gathered, metrics on all."""
+        model = self.core.model.eval()
+        records: list[dict] = []
+        first = None
+        for batch in self.val_loader:
+            batch = batch.to(self.device)
+            with self.autocast():
+                out = model(batch)
+            records.extend(prediction_records(batch, out))
+            if first is None:
+                first = (batch, out)
+        everyone = [records]
+        if self.world > 1:
+            everyone = [None] * self.world
+            dist.all_gather_object(everyone, records)
+        merged = [r for part in everyone for r in part]
+        return summarize(merged, prefix="val/"), merged, *(first or (None, None))
+
+
+def prediction_records(batch: Batch, out) -> list[dict]:
+    """Per-patient predictions and labels as plain Python (for gathering across ranks)."""
+    cpu = {
+        "histology_prob": torch.sigmoid(out.histology_logit.float()),
+        "stage_probs": torch.softmax(out.stage_logits.float(), dim=1),
+        "dfs_risk": out.dfs_log_hazard.float(),
+        "os_risk": out.os_log_hazard.float(),
+    }
+    if out.lung_logits is not None:
+        cpu["dice_lung"] = dice_per_patient(out.lung_logits > 0, batch.lung_mask, batch.slice_mask)
+        lesion = dice_per_patient(out.lesion_logits > 0, batch.lesion_mask, batch.slice_mask)
+        cpu["dice_lesion"] = torch.where(batch.lesion_annotated, lesion, torch.nan)
+    cpu = {k: v.cpu().tolist() for k, v in cpu.items()}
+    labels = {
+        k: getattr(batch, k).cpu().tolist()
+        for k in (
+            "histology",
+            "stage",
+            "dfs_time",
+            "dfs_event",
+            "dfs_known",
+            "os_time",
+            "os_event",
+            "os_known",
+        )
+    }
+    return [
+        {
+            "patient_id": pid,
+            "center": center,
+            **{k: v[i] for k, v in cpu.items()},
+            **{k: v[i] for k, v in labels.items()},
+        }
+        for i, (pid, center) in enumerate(zip(batch.patient_id, batch.center, strict=True))
+    ]
+
+
+def score_of(metrics: dict, cfg: Config) -> float:
+    """run.metric for ranking checkpoints; NaN (undefined on this split) ranks last."""
+    value = metrics.get(cfg.run.metric, float("nan"))
+    if value is None or math.isnan(value):
+        return -1e9 if cfg.run.mode == "max" else 1e9
+    return float(value)
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def local_run_dir(cfg: Config) -> Path | None:
+    """The run folder when storage is local (chaos markers, TensorBoard), else None."""
+    if "://" in cfg.run.storage_path:
+        return None
+    return Path(cfg.run.storage_path) / cfg.run.name
+
+
+def setup_worker_logging(rank: int) -> None:
+    """Our loggers only (Ray's own stay as Ray set them): rank in the format, INFO on rank 0,
+    warnings and errors on the others."""
+    logger = logging.getLogger("mmdls_dist")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+            )
+        )
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function: config dict -> training with per-epoch reports."""
+    import ray.train
+    import ray.train.torch
+
+    from mmdls_dist.tensorboard import EpochLogger
+
+    cfg = from_dict(Config, config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    setup_worker_logging(rank)
+    device = ray.train.torch.get_device()
+    trainer = Trainer(cfg, device, rank, world, ray.train.torch.prepare_model)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            trainer.restore(directory)
+        log.info(
+            "resumed at epoch %d (step %d)", trainer.progress.epoch, trainer.progress.global_step
+        )
+    run_dir = local_run_dir(cfg)
+    marker = run_dir / ".chaos_fired" if run_dir is not None else None
+    board = EpochLogger(cfg, run_dir) if rank == 0 else None
+    while trainer.progress.epoch < cfg.optim.epochs:
+        epoch = trainer.progress.epoch
+        metrics = trainer.train_epoch(epoch, marker)
+        val, _, first_batch, first_out = trainer.evaluate()
+        metrics.update(val)
+        stop = _update_progress(trainer, metrics, cfg)
+        metrics.update(
+            {
+                "epoch": epoch,
+                "global_step": trainer.progress.global_step,
+                "score": score_of(metrics, cfg),
+                "early_stop": stop,
+            }
+        )
+        if board is not None:
+            board.log(metrics, trainer.progress.global_step, first_batch, first_out)
+        _report(trainer, metrics, rank)
+        log.info("epoch %d: %s", epoch, _brief(metrics))
+        if stop:
+            break
+    if board is not None:
+        board.close()
+
+
+def _update_progress(trainer: Trainer, metrics: dict, cfg: Config) -> bool:
+    """Advance epoch / best / patience; True when early stopping triggers (same on all ranks:
+    the metric is computed from gathered predictions)."""
+    progress = trainer.progress
+    value = metrics.get(cfg.run.metric, float("nan"))
+    if not math.isnan(value) and improved(value, progress.best, cfg.run.mode):
+        progress.best, progress.bad_epochs = value, 0
+    else:
+        progress.bad_epochs += 1
+    progress.epoch += 1
+    patience = cfg.optim.early_stopping_patience
+    return patience > 0 and progress.bad_epochs >= patience
+
+
+def _report(trainer: Trainer, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt = None
+        if rank == 0:
+            trainer.save(directory, metrics)
+            ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _brief(metrics: dict) -> str:
+    keys = (
+        "train/loss",
+        "val/auc_histology",
+        "val/auc_stage",
+        "val/cindex_dfs",
+        "val/cindex_os",
+        "val/dice_lung",
+        "val/dice_lesion",
+        "train/patients_per_s",
+    )
+    return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+# --- driver side -------------------------------------------------------------------------
+
+
+def run_url(cfg: Config) -> str:
+    return join_url(cfg.run.storage_path, cfg.run.name)
+
+
+def guard_run_identity(cfg: Config) -> dict:
+    """First start: record the run's config + data identity. Restart: refuse a mismatch
+    before any worker starts (the workers check the checkpoint itself again)."""
+    identity = {
+        "config": to_dict(cfg),
+        "manifest_hash": manifest_hash(load_manifest(cfg.data.shards)),
+    }
+    url = join_url(run_url(cfg), RUN_IDENTITY)
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        with fs.open(path, "r") as stream:
+            checkpoint.check_compatible(json.load(stream), identity, f"run {cfg.run.name!r}")
+    else:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "w") as stream:
+            json.dump(identity, stream, indent=1)
+    return identity
+
+
+def build_trainer(cfg: Config):
+    """The TorchTrainer for a config (also what a Tune trial builds)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RayRunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep or None,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order=cfg.run.mode,
+            ),
+        ),
+    )
+
+
+def fit(cfg: Config):
+    """Train (or resume) the run; writes best.json beside the checkpoints. -> ray Result."""
+    guard_run_identity(cfg)
+    result = build_trainer(cfg).fit()
+    best = result.get_best_checkpoint(metric="score", mode=cfg.run.mode)
+    if best is not None:
+        metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        with fsspec.open(join_url(run_url(cfg), BEST), "w") as stream:
+            json.dump(
+                {"checkpoint": best.path, "metric": cfg.run.metric, "metrics": _jsonable(metrics)},
+                stream,
+                indent=1,
+            )
+    return result
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {
+        k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, str, bool))
+    }
