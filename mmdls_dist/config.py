@@ -9,6 +9,7 @@ Ray and Tune carry is `to_dict(cfg)`; workers rebuild the Config with `from_dict
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,21 @@ from typing import Any
 import yaml
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 3e-4 as a float (YAML 1.1 insists on 3.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _check_type(path: str, value: Any, hint: Any) -> Any:
@@ -310,7 +326,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     keys = path.strip().split(".")
     if len(keys) < 2 or not all(keys):
         raise ValueError(f"override {text!r}: the key must be section.key (e.g. optim.lr)")
-    return keys, yaml.safe_load(raw) if raw.strip() else ""
+    return keys, _yaml(raw) if raw.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -342,7 +358,7 @@ def preset_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str = "default", overrides: list[str] | None = None) -> Config:
     """YAML preset or file + overrides -> validated Config."""
     path = preset_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections")
     try:

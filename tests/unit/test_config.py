@@ -1,0 +1,93 @@
+"""Config presets, overrides, validation and the dict / YAML round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmdls_dist.config import (
+    PRESETS_DIR,
+    Config,
+    DataConfig,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_shipped_preset_loads_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset)
+    assert from_dict(Config, to_dict(cfg)) == cfg
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_presets_say_what_they_are():
+    debug, paper = load_config("debug"), load_config("paper")
+    assert not debug.run.use_gpu and debug.run.num_workers == 2
+    assert paper.run.use_gpu and paper.data.image_size == 224 and paper.data.max_slices == 30
+    assert paper.optim.precision == "bf16"
+    assert {"debug", "default", "paper"} <= {p.stem for p in PRESETS_DIR.glob("*.yaml")}
+
+
+@pytest.mark.parametrize(
+    ("text", "keys", "value"),
+    [
+        ("optim.lr=3e-4", ["optim", "lr"], 3e-4),
+        ("run.use_gpu=true", ["run", "use_gpu"], True),
+        ("model.widths=[4, 8, 8, 16]", ["model", "widths"], [4, 8, 8, 16]),
+        ("data.steps_per_epoch=null", ["data", "steps_per_epoch"], None),
+        ("run.name=my-run", ["run", "name"], "my-run"),
+        ("data.shards=s3://bucket/x=1", ["data", "shards"], "s3://bucket/x=1"),
+    ],
+)
+def test_override_parsing(text, keys, value):
+    assert parse_override(text) == (keys, value)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(
+        "debug",
+        [
+            "optim.lr=0.01",
+            "model.widths=[4,8,8,16]",
+            "optim.epochs=7",
+            "prep.external_centers=[HOSP-B]",
+        ],
+    )
+    assert cfg.optim.lr == 0.01 and cfg.model.widths == (4, 8, 8, 16) and cfg.optim.epochs == 7
+    assert cfg.prep.external_centers == ("HOSP-B",)
+    assert load_config("debug").optim.lr == 0.003  # presets are not mutated
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown config key(s): optim.lrr"),
+        ("nosection.x=1", "unknown config key(s): nosection"),
+        ("optim.lr=abc", "optim.lr: expected float, got str"),
+        ("optim.epochs=1.5", "optim.epochs: expected int, got float"),
+        ("run.use_gpu=3", "run.use_gpu: expected bool, got int"),
+        ("optim.epochs=0", "optim.epochs and optim.grad_accum must be >= 1"),
+        ("model.encoder_input=voxels", "model.encoder_input must be one of"),
+        ("optim", "not of the form section.key=value"),
+    ],
+)
+def test_bad_overrides_fail_loudly(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("debug", [override])
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="neither a preset .*debug.*paper"):
+        load_config("nope")
+
+
+def test_data_config_validation():
+    with pytest.raises(ValueError, match="data.batch_size must be >= 1"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="data.verify must be one of"):
+        DataConfig(verify="maybe")
