@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc
+from scipy.stats import rankdata
 from torchsurv.metrics.cindex import ConcordanceIndex
 
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC. scores [n] (higher = class 1), labels [n] in {0, 1, -1 = unknown}."""
+    """ROC AUC. scores [n] (higher = class 1, any scale), labels [n] in {0, 1, -1 = unknown}.
+
+    Mann-Whitney U with average ranks for ties, exact in float64. Written out because
+    torchmetrics' binary_auroc squashes scores outside [0, 1] through a float32 sigmoid,
+    which turns large risk scores into ties.
+    """
     keep = labels >= 0
-    y = labels[keep]
-    if y.size == 0 or y.min() == y.max():
+    y = labels[keep].astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(
-        binary_auroc(
-            torch.as_tensor(scores[keep], dtype=torch.float64), torch.as_tensor(y, dtype=torch.long)
-        )
-    )
+    ranks = rankdata(np.asarray(scores, dtype=np.float64)[keep])
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def macro_ovr_auc(probs: np.ndarray, labels: np.ndarray) -> float:

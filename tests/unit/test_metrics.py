@@ -24,9 +24,13 @@ def test_binary_auc_matches_sklearn_with_ties_and_unknowns():
     labels = rng.integers(-1, 2, 200)
     keep = labels >= 0
     assert binary_auc(scores, labels) == pytest.approx(
-        roc_auc_score(labels[keep], scores[keep]), abs=1e-6
+        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
     )
     assert np.isnan(binary_auc(scores, np.zeros(200, dtype=int)))
+    # Unbounded scores (risks, logits, raw intensities) keep their order exactly.
+    assert binary_auc(scores * 1000 + 50, labels) == pytest.approx(
+        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
+    )
 
 
 def test_macro_auc_matches_sklearn():
