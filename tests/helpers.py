@@ -10,6 +10,17 @@ from PIL import Image
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
 from mmdls_dist.data.synth import SynthSpec
 
+# The smallest MM-DLS that still has every part (model and loss tests).
+TINY_MODEL = dict(
+    widths=(4, 8, 8, 16),
+    decoder_width=8,
+    cross_attention_heads=2,
+    embed_dim=16,
+    fusion_heads=2,
+    tabular_hidden=16,
+    pixel_encoder_width=4,
+)
+
 # The shared synthetic cohort of the session fixtures (tests/conftest.py).
 TINY = SynthSpec(n_patients=40, seed=7, n_centers=3, image_size=40, min_slices=4, max_slices=9)
 

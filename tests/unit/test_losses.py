@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import TINY_MODEL
 from sklearn.metrics import log_loss
 from torch import nn
 from torchsurv.loss.cox import neg_partial_log_likelihood
@@ -160,16 +161,7 @@ def test_compute_losses_on_a_batch(shard_dir):
     cfg = DataConfig(shards=str(shard_dir), batch_size=6, max_slices=5, num_workers=0)
     batch = next(iter(make_loader(cfg, "train", "eval")))
     torch.manual_seed(0)
-    model = MMDLS(
-        ModelConfig(
-            widths=(4, 8, 8, 16),
-            decoder_width=8,
-            cross_attention_heads=2,
-            embed_dim=16,
-            fusion_heads=2,
-            tabular_hidden=16,
-        )
-    )
+    model = MMDLS(ModelConfig(**TINY_MODEL))
     out = model(batch)
     loss_cfg = LossConfig()
     result = compute_losses(out, batch, loss_cfg, TaskWeighting(loss_cfg))

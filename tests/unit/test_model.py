@@ -6,21 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 from mmdls_dist.config import DataConfig, ModelConfig
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
 from mmdls_dist.model.mmdls import MMDLS, PAD_LOGIT
-
-TINY = dict(
-    widths=(4, 8, 8, 16),
-    decoder_width=8,
-    cross_attention_heads=2,
-    embed_dim=16,
-    fusion_heads=2,
-    tabular_hidden=16,
-    pixel_encoder_width=4,
-)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def batch(shard_dir) -> Batch:
 
 def _model(**overrides) -> MMDLS:
     torch.manual_seed(0)
-    return MMDLS(ModelConfig(**{**TINY, **overrides}))
+    return MMDLS(ModelConfig(**{**TINY_MODEL, **overrides}))
 
 
 def _repad(batch: Batch, slots: int) -> Batch:
