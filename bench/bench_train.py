@@ -55,6 +55,7 @@ def bench_config(args: argparse.Namespace, *overrides: str) -> Config:
             "run.checkpoints_to_keep=1",
             "run.max_failures=0",
             f"run.storage_path={Path(args.out).resolve() / 'runs'}",
+            *args.set,
             *overrides,
         ],
     )
@@ -92,6 +93,8 @@ def quality(args: argparse.Namespace) -> None:
     records = [r for r in read_cohort(raw, check_pixels=False).records if r.patient_id in val]
     oracle = oracle_metrics(truth, records)
     n_train = manifest["splits"]["train"]["n_patients"]
+    if args.set:
+        print("\noverrides: " + " ".join(args.set))
     print(
         f"\ncohort: {args.patients} synthetic patients, {args.size} px, train {n_train}, "
         f"val {len(records)}; {args.epochs} epochs, 2 CPU workers; best epoch by val C-index OS"
@@ -186,6 +189,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--ddp-steps", type=int, default=10)
     parser.add_argument("--out", default="bench-out/train")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for every run of the benchmark, repeatable",
+    )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     quality(args) if args.what == "quality" else scaling(args)
