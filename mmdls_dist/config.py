@@ -149,6 +149,9 @@ class ModelConfig:
     encoder_input: str = "features"  # "features": mask-weighted pooling of segmentor maps;
     # "pixels": re-encode the masked CT with conv encoders (the original's LesionEncoder)
     pixel_encoder_width: int = 16  # channels of the "pixels" encoders, >= 4
+    lesion_patch: int = 0  # side (pixels) of a full-resolution lesion patch encoder added to
+    # the lesion view; 0 = off
+    lesion_patch_extent: float = 0.25  # patch side as a fraction of the slice, (0, 1]
     patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
     survival_sees_classification: bool = True  # survival heads get soft histology/stage
     use_imaging: bool = True  # CT branch (segmentor + encoders + slice fusion)
@@ -169,6 +172,8 @@ class ModelConfig:
             raise ValueError("model.embed_dim must be >= 8 and divisible by model.fusion_heads")
         if not 0 <= self.fusion_layers <= 4:
             raise ValueError("model.fusion_layers must be in 0..4")
+        if self.lesion_patch < 0 or not 0 < self.lesion_patch_extent <= 1:
+            raise ValueError("model.lesion_patch must be >= 0, lesion_patch_extent in (0, 1]")
         if self.tabular_hidden < 4 or self.pixel_encoder_width < 4:
             raise ValueError("model.tabular_hidden and model.pixel_encoder_width must be >= 4")
         if not 0.0 <= self.dropout < 0.9:

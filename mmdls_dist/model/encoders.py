@@ -70,3 +70,42 @@ class PixelEncoder(nn.Module):
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.convs(torch.cat([image * mask, mask], dim=1))
         return self.proj(torch.cat([x.mean((2, 3)), log_area(mask)], dim=1))
+
+
+class LesionPatchEncoder(nn.Module):
+    """A full-resolution patch around each slice's soft lesion centroid -> [N,E].
+
+    Margin (spiculation) and texture live at the scale of a few pixels; the segmentor's
+    maps are at 1/4 resolution and the "pixels" encoders downsample the whole slice, so both
+    blur them. Like the original LesionEncoder this looks at a lesion patch, but the crop
+    is differentiable (affine_grid + grid_sample at the soft centroid), so no ground-truth
+    box is needed and inference stays CT-only.
+    """
+
+    def __init__(self, patch: int, extent: float, width: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.patch, self.extent = patch, extent
+        self.convs = nn.Sequential(
+            conv_norm_act(2, width),
+            conv_norm_act(width, 2 * width, stride=2),
+            conv_norm_act(2 * width, 4 * width, stride=2),
+        )
+        self.proj = mlp(8 * width, embed_dim, dropout)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image [N,1,H,W] normalised CT, mask [N,1,h,w] soft lesion mask."""
+        n = image.shape[0]
+        h, w = mask.shape[-2:]
+        weight = mask / (mask.sum((2, 3), keepdim=True) + EPS)
+        ys = torch.linspace(-1, 1, h, device=mask.device, dtype=mask.dtype)[:, None]
+        xs = torch.linspace(-1, 1, w, device=mask.device, dtype=mask.dtype)[None, :]
+        cx, cy = (weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))  # [N,1]
+        theta = torch.zeros(n, 2, 3, device=image.device, dtype=image.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = self.extent
+        theta[:, 0, 2], theta[:, 1, 2] = cx[:, 0], cy[:, 0]
+        grid = F.affine_grid(theta, [n, 1, self.patch, self.patch], align_corners=False)
+        full = F.interpolate(mask, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        crops = F.grid_sample(torch.cat([image, full], 1), grid, align_corners=False)
+        x = self.convs(torch.cat([crops[:, :1], crops[:, :1] * crops[:, 1:]], 1))
+        pooled = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # std: heterogeneity
+        return self.proj(pooled)

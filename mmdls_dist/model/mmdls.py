@@ -14,7 +14,7 @@ from torch import nn
 
 from mmdls_dist.config import ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
-from mmdls_dist.model.encoders import MaskPoolEncoder, PixelEncoder
+from mmdls_dist.model.encoders import LesionPatchEncoder, MaskPoolEncoder, PixelEncoder
 from mmdls_dist.model.fusion import PatientFusion, SliceFusion, TaskHeads
 from mmdls_dist.model.segmentor import Segmentor
 
@@ -60,7 +60,15 @@ class MMDLS(nn.Module):
             else:
                 self.lesion_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
                 self.space_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
-            self.slice_token = nn.Linear(2 * e, e)
+            if cfg.lesion_patch:
+                self.patch_encoder = LesionPatchEncoder(
+                    cfg.lesion_patch,
+                    cfg.lesion_patch_extent,
+                    cfg.pixel_encoder_width,
+                    e,
+                    cfg.dropout,
+                )
+            self.slice_token = nn.Linear((3 if cfg.lesion_patch else 2) * e, e)
             self.slice_fusion = SliceFusion(e, cfg.fusion_heads, cfg.fusion_layers, cfg.dropout)
         tabular = {}
         if cfg.use_clinical:
@@ -114,7 +122,10 @@ class MMDLS(nn.Module):
             full = x.shape[-2:]
             lesion = self.lesion_encoder(x, F.interpolate(lesion_p, size=full, mode="bilinear"))
             space = self.space_encoder(x, F.interpolate(space_p, size=full, mode="bilinear"))
-        tokens = _scatter(self.slice_token(torch.cat([lesion, space], dim=1)), valid)
+        views = [lesion, space]
+        if self.cfg.lesion_patch:
+            views.append(self.patch_encoder(x, lesion_p))
+        tokens = _scatter(self.slice_token(torch.cat(views, dim=1)), valid)
         imaging, weights = self.slice_fusion(tokens, valid)
         full = batch.ct.shape[-2:]
         logits = {}

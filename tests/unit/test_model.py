@@ -61,6 +61,7 @@ def test_output_shapes(batch, encoder_input):
         {"encoder_input": "pixels"},
         {"patient_fusion": "concat", "survival_sees_classification": False},
         {"fusion_layers": 2, "blocks_per_stage": 2},
+        {"lesion_patch": 8},
     ],
 )
 def test_gradient_reaches_every_parameter(batch, overrides):
@@ -79,9 +80,11 @@ def test_gradient_reaches_every_parameter(batch, overrides):
     assert not missing, f"no gradient: {missing}"
 
 
-@pytest.mark.parametrize("encoder_input", ["features", "pixels"])
-def test_padding_slices_changes_nothing(batch, encoder_input):
-    model = _model(encoder_input=encoder_input).eval()
+@pytest.mark.parametrize(
+    "overrides", [{"encoder_input": "features"}, {"encoder_input": "pixels"}, {"lesion_patch": 8}]
+)
+def test_padding_slices_changes_nothing(batch, overrides):
+    model = _model(**overrides).eval()
     with torch.no_grad():
         a = model(batch)
         b = model(_repad(batch, batch.slice_mask.shape[1] + 5))
