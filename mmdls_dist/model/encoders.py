@@ -92,20 +92,26 @@ class LesionPatchEncoder(nn.Module):
         )
         self.proj = mlp(8 * width, embed_dim, dropout)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """image [N,1,H,W] normalised CT, mask [N,1,h,w] soft lesion mask."""
+    def crop(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image [N,1,H,W], mask [N,1,h,w] -> [N,2,P,P]: CT and full-res mask patches."""
         n = image.shape[0]
         h, w = mask.shape[-2:]
         weight = mask / (mask.sum((2, 3), keepdim=True) + EPS)
-        ys = torch.linspace(-1, 1, h, device=mask.device, dtype=mask.dtype)[:, None]
-        xs = torch.linspace(-1, 1, w, device=mask.device, dtype=mask.dtype)[None, :]
+        # Pixel centres in affine_grid's align_corners=False coordinates, so the centroid
+        # means the same place on the 1/4-resolution mask and on the full-resolution CT.
+        ys = ((torch.arange(h, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / h - 1)[:, None]
+        xs = ((torch.arange(w, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / w - 1)[None, :]
         cx, cy = (weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))  # [N,1]
         theta = torch.zeros(n, 2, 3, device=image.device, dtype=image.dtype)
         theta[:, 0, 0] = theta[:, 1, 1] = self.extent
         theta[:, 0, 2], theta[:, 1, 2] = cx[:, 0], cy[:, 0]
         grid = F.affine_grid(theta, [n, 1, self.patch, self.patch], align_corners=False)
         full = F.interpolate(mask, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        crops = F.grid_sample(torch.cat([image, full], 1), grid, align_corners=False)
+        return F.grid_sample(torch.cat([image, full], 1), grid, align_corners=False)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image [N,1,H,W] normalised CT, mask [N,1,h,w] soft lesion mask -> [N,E]."""
+        crops = self.crop(image, mask)
         x = self.convs(torch.cat([crops[:, :1], crops[:, :1] * crops[:, 1:]], 1))
         pooled = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # std: heterogeneity
         return self.proj(pooled)

@@ -135,3 +135,17 @@ def test_single_modality_switches(batch):
         )
     with pytest.raises(ValueError, match="at least one"):
         ModelConfig(use_imaging=False, use_clinical=False, use_pet=False, use_radiomics=False)
+
+
+def test_lesion_patch_is_cut_around_the_soft_lesion():
+    from mmdls_dist.model.encoders import LesionPatchEncoder
+
+    image = torch.zeros(2, 1, 32, 32)
+    image[0, 0, 4:8, 20:24] = 1.0  # patient 0: lesion up right
+    image[1, 0, 24:28, 8:12] = 1.0  # patient 1: lesion down left
+    mask = torch.nn.functional.avg_pool2d(image, 4)  # the stride-4 soft mask
+    crops = LesionPatchEncoder(8, 0.25, 4, 8, 0.0).crop(image, mask)
+    assert crops.shape == (2, 2, 8, 8)
+    for i in range(2):
+        ct = crops[i, 0]
+        assert ct[2:6, 2:6].mean() > 0.9 and ct[0, 0] == 0 and ct[-1, -1] == 0  # centred
