@@ -9,6 +9,9 @@ Train (2 CPU workers); prints validation C-index (DFS, OS) as a fraction of the 
 C-index (the true linear predictors on the same patients), histology AUC and stage macro
 AUC, at the epoch with the best validation OS C-index.
 
+ceiling: what perfect perception would reach on the same split (Cox models on the true
+latent factors and the tables), to tell a perception gap from an unattainable oracle.
+
 scaling: patients/s with 1 and 2 Ray Train workers (one epoch each, same data), and the
 DDP overhead per step measured in a 2-process gloo group: step time with gradient
 all-reduce vs the same steps under no_sync (no all-reduce).
@@ -112,6 +115,68 @@ def quality(args: argparse.Namespace) -> None:
         )
 
 
+def ceiling(args: argparse.Namespace) -> None:
+    """What perfect perception would reach: Cox models (lifelines) fitted on the training
+    split with the true latent factors and/or the tables, C-index on the validation split."""
+    import numpy as np
+    from lifelines import CoxPHFitter
+
+    from mmdls_dist.metrics import harrell_cindex
+
+    init_ray()
+    cfg, truth, raw = prepared(bench_config(args), args)
+    manifest = load_manifest(cfg.data.shards)
+    split = {k: e["split"] for e in manifest["shards"] for k in e["keys"]}
+    rows = []
+    for r in read_cohort(raw, check_pixels=False).records:
+        t = truth["patients"][r.patient_id]
+        rows.append(
+            {
+                **{k: t[k] for k in ("margin", "texture", "density", "central", "upper", "size")},
+                "log_diameter": np.log(r.clinical["tumor_diameter_mm"]),
+                "log_suv": np.log(r.pet["suv_max"]),
+                "age": r.clinical["age"],
+                "smoker": float(r.clinical["smoking_status"] == 2),
+                "split": split[r.patient_id],
+                **{
+                    f"{e}_{k}": r.labels[f"{e}_{k}"]
+                    for e in ("dfs", "os")
+                    for k in ("time", "event")
+                },
+                **{f"eta_{e}": t[f"eta_{e}"] for e in ("dfs", "os")},
+            }
+        )
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    tables = ["log_diameter", "log_suv", "age", "smoker"]
+    sets = {
+        "tables only": tables,
+        "tables + true margin": tables + ["margin"],
+        "tables + true margin + texture": tables + ["margin", "texture"],
+        "all true latent factors + tables": tables
+        + ["margin", "texture", "density", "central", "upper", "size"],
+    }
+    print(
+        f"\nCox (lifelines, penalizer 0.01) on train, Harrell's C on validation; "
+        f"{args.patients} patients"
+    )
+    for endpoint in ("dfs", "os"):
+        d = table.dropna(subset=[f"{endpoint}_time", *tables])
+        train, val = d[d.split == "train"], d[d.split == "val"]
+        time_, event = val[f"{endpoint}_time"].values, val[f"{endpoint}_event"].values > 0
+        oracle = harrell_cindex(val[f"eta_{endpoint}"].values, time_, event)
+        print(f"  {endpoint.upper()}: oracle {oracle:.3f}")
+        for label, cols in sets.items():
+            cph = CoxPHFitter(penalizer=0.01).fit(
+                train[cols + [f"{endpoint}_time", f"{endpoint}_event"]],
+                f"{endpoint}_time",
+                f"{endpoint}_event",
+            )
+            risk = np.log(cph.predict_partial_hazard(val[cols]).values)
+            print(f"    {label:<34}{harrell_cindex(risk, time_, event):.3f}")
+
+
 def _ddp_worker(rank: int, init_file: str, steps: int, out: str, config: dict) -> None:
     """One of 2 gloo ranks: time training steps with and without the gradient all-reduce."""
     import torch.distributed as dist
@@ -180,7 +245,7 @@ def scaling(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("quality", "scaling"))
+    parser.add_argument("what", choices=("quality", "scaling", "ceiling"))
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--size", type=int, default=96, help="synthetic / stored pixels")
     parser.add_argument("--slices", type=int, default=12)
@@ -198,7 +263,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
-    quality(args) if args.what == "quality" else scaling(args)
+    {"quality": quality, "scaling": scaling, "ceiling": ceiling}[args.what](args)
 
 
 if __name__ == "__main__":
