@@ -8,11 +8,15 @@ other slices share its batch (padding invariance, train/eval parity).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+LUNG_PRIOR = 0.2  # typical share of a slice inside the lungs
+LESION_PRIOR = 0.005  # typical share inside the lesion (on slices that show it)
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -103,11 +107,14 @@ class CrossAttention(nn.Module):
 class Decoder(nn.Module):
     """FPN-style top-down decoder: 4 encoder maps -> [N,D,H/4,W/4] features + 1-channel logits."""
 
-    def __init__(self, widths: tuple[int, ...], dim: int):
+    def __init__(self, widths: tuple[int, ...], dim: int, prior: float):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(w, dim, 1) for w in widths)
         self.smooth = nn.ModuleList(conv_norm_act(dim, dim) for _ in widths[:-1])
         self.head = nn.Conv2d(dim, 1, 1)
+        # Start at the foreground's prior (RetinaNet's trick): a lesion covers well under 1 %
+        # of a slice, and from p = 0.5 the first hundreds of steps only learn "background".
+        nn.init.constant_(self.head.bias, math.log(prior / (1 - prior)))
 
     def top(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.lateral[-1](features[-1])
@@ -137,8 +144,8 @@ class Segmentor(nn.Module):
     def __init__(self, widths: tuple[int, ...], blocks: int, decoder_width: int, heads: int):
         super().__init__()
         self.encoder = ResNetEncoder(widths, blocks)
-        self.lung_decoder = Decoder(widths, decoder_width)
-        self.lesion_decoder = Decoder(widths, decoder_width)
+        self.lung_decoder = Decoder(widths, decoder_width, prior=LUNG_PRIOR)
+        self.lesion_decoder = Decoder(widths, decoder_width, prior=LESION_PRIOR)
         self.cross = CrossAttention(decoder_width, heads)
 
     def forward(self, x: torch.Tensor) -> SegmentorOutput:
