@@ -149,3 +149,11 @@ def test_lesion_patch_is_cut_around_the_soft_lesion():
     for i in range(2):
         ct = crops[i, 0]
         assert ct[2:6, 2:6].mean() > 0.9 and ct[0, 0] == 0 and ct[-1, -1] == 0  # centred
+
+
+def test_segmentation_heads_start_at_the_foreground_prior(batch):
+    """A fresh model predicts rare lesions as rare (not p = 0.5 everywhere)."""
+    out = _model().eval()(batch)
+    real = batch.slice_mask
+    assert torch.sigmoid(out.lesion_logits[real]).mean() < 0.05
+    assert 0.05 < torch.sigmoid(out.lung_logits[real]).mean() < 0.5
