@@ -428,7 +428,7 @@ def guard_run_identity(cfg: Config) -> dict:
         with fs.open(path, "r") as stream:
             checkpoint.check_compatible(json.load(stream), identity, f"run {cfg.run.name!r}")
     else:
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as stream:
             json.dump(identity, stream, indent=1)
     return identity
