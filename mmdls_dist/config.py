@@ -153,6 +153,8 @@ class ModelConfig:
     # the lesion view; 0 = off
     lesion_patch_extent: float = 0.25  # patch side as a fraction of the slice, (0, 1]
     patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
+    tabular_dropout: float = 0.0  # training-time chance to blank a patient's tabular token
+    # (per modality), so the imaging path must carry the tasks too; [0, 1)
     survival_sees_classification: bool = True  # survival heads get soft histology/stage
     use_imaging: bool = True  # CT branch (segmentor + encoders + slice fusion)
     use_radiomics: bool = True
@@ -176,6 +178,8 @@ class ModelConfig:
             raise ValueError("model.lesion_patch must be >= 0, lesion_patch_extent in (0, 1]")
         if self.tabular_hidden < 4 or self.pixel_encoder_width < 4:
             raise ValueError("model.tabular_hidden and model.pixel_encoder_width must be >= 4")
+        if not 0.0 <= self.tabular_dropout < 1.0:
+            raise ValueError("model.tabular_dropout must be in [0, 1)")
         if not 0.0 <= self.dropout < 0.9:
             raise ValueError("model.dropout must be in [0, 0.9)")
         _choice("model.encoder_input", self.encoder_input, ("features", "pixels"))

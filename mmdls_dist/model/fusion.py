@@ -70,9 +70,11 @@ class PatientFusion(nn.Module):
         variant: str,
         heads: int,
         dropout: float,
+        tabular_dropout: float = 0.0,
     ):
         super().__init__()
         self.variant = variant
+        self.tabular_dropout = tabular_dropout
         self.tabular = nn.ModuleDict(
             {
                 name: nn.Sequential(
@@ -101,7 +103,11 @@ class PatientFusion(nn.Module):
         tokens = [] if imaging is None else [imaging]
         for name, net in self.tabular.items():
             values, missing = tabular[name]
-            tokens.append(net(torch.cat([values, missing.to(values.dtype)], dim=1)))
+            token = net(torch.cat([values, missing.to(values.dtype)], dim=1))
+            if self.training and self.tabular_dropout > 0:
+                keep = torch.rand(token.shape[0], 1, device=token.device) >= self.tabular_dropout
+                token = token * keep.to(token.dtype)
+            tokens.append(token)
         if self.variant == "attention":
             x = torch.stack(tokens, dim=1) + self.type_embed
             return self.out(self.mix(x).mean(1))

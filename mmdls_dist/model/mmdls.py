@@ -85,6 +85,7 @@ class MMDLS(nn.Module):
             cfg.patient_fusion,
             cfg.fusion_heads,
             cfg.dropout,
+            cfg.tabular_dropout,
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 

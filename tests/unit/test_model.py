@@ -157,3 +157,17 @@ def test_segmentation_heads_start_at_the_foreground_prior(batch):
     real = batch.slice_mask
     assert torch.sigmoid(out.lesion_logits[real]).mean() < 0.05
     assert 0.05 < torch.sigmoid(out.lung_logits[real]).mean() < 0.5
+
+
+def test_tabular_dropout_blanks_tables_in_training_only(batch):
+    model = _model(tabular_dropout=0.999999, dropout=0.0)
+    no_tab = dataclasses.replace(
+        batch,
+        clinical=torch.zeros_like(batch.clinical),
+        pet=torch.zeros_like(batch.pet),
+        radiomics=torch.zeros_like(batch.radiomics),
+    )
+    with torch.no_grad():
+        assert torch.equal(model.train()(batch).os_log_hazard, model(no_tab).os_log_hazard)
+        model.eval()
+        assert not torch.equal(model(batch).os_log_hazard, model(no_tab).os_log_hazard)
