@@ -166,7 +166,9 @@ class Trainer:
             metrics=metrics,
         )
 
-    def _step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, float]:
+    def _step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, torch.Tensor]:
+        """One micro-batch; returns the detached loss terms as device tensors (no host sync:
+        the epoch sums them and reads them once)."""
         sync = self.world == 1 or last_micro
         no_sync = getattr(self.module, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync():
@@ -176,9 +178,7 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if last_micro:
             self._optimizer_step()
-        return {k: float(v.detach()) for k, v in losses.parts.items()} | {
-            "loss": float(losses.total.detach())
-        }
+        return {k: v.detach() for k, v in losses.parts.items()} | {"loss": losses.total.detach()}
 
     def _optimizer_step(self) -> None:
         if self.scaler:
@@ -198,7 +198,7 @@ class Trainer:
         self.module.train()
         self.train_loader.dataset.set_epoch(epoch)
         gt_weight = gt_mask_weight(epoch, self.cfg.optim)
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor | float] = defaultdict(float)
         n_batches, n_patients, waited = 0, 0, 0.0
         accum = self.cfg.optim.grad_accum
         t0 = tick = time.perf_counter()
@@ -216,7 +216,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         keys = sorted(sums)
         totals = _all_reduce_sum(
-            [sums[k] for k in keys] + [n_batches, n_patients, waited], self.device
+            [float(sums[k]) for k in keys] + [n_batches, n_patients, waited], self.device
         )
         batches_all, patients_all, waited_all = totals[-3:]
         metrics = {
