@@ -33,9 +33,8 @@ import torch.multiprocessing as mp
 from mmdls_dist.config import Config, from_dict, load_config, to_dict
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.data.synth import oracle_metrics
 from mmdls_dist.parallel import init_ray, ray_mapper
-from mmdls_dist.prep import resolve_data
+from mmdls_dist.prep import resolve_data, synthetic_oracle
 from mmdls_dist.train import fit
 
 
@@ -92,15 +91,14 @@ def quality(args: argparse.Namespace) -> None:
         result = fit(cfg)
         rows[label] = (best_val(result, cfg.run.metric), time.perf_counter() - t0)
     manifest = load_manifest(cfg.data.shards)
-    val = {k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]}
-    records = [r for r in read_cohort(raw, check_pixels=False).records if r.patient_id in val]
-    oracle = oracle_metrics(truth, records)
+    oracle = synthetic_oracle(truth, raw, cfg.data.shards)
     n_train = manifest["splits"]["train"]["n_patients"]
+    n_val = manifest["splits"]["val"]["n_patients"]
     if args.set:
         print("\noverrides: " + " ".join(args.set))
     print(
         f"\ncohort: {args.patients} synthetic patients, {args.size} px, train {n_train}, "
-        f"val {len(records)}; {args.epochs} epochs, 2 CPU workers; best epoch by val C-index OS"
+        f"val {n_val}; {args.epochs} epochs, 2 CPU workers; best epoch by val C-index OS"
     )
     header = f"{'':<14}{'C-index DFS':>14}{'C-index OS':>14}{'AUC histology':>15}{'AUC stage':>11}"
     print(header + f"{'Dice lesion':>12}{'minutes':>9}")

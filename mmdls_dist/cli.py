@@ -225,20 +225,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
-    from mmdls_dist.data.shards import load_manifest
+    from mmdls_dist.prep import synthetic_oracle
     from mmdls_dist.tensorboard import tensorboard_dir
     from mmdls_dist.train import BEST, local_run_dir, run_url
 
     metrics = result.metrics or {}
     oracle = {}
     if truth is not None and raw is not None:
-        from mmdls_dist.data.ingest import read_cohort
-        from mmdls_dist.data.synth import oracle_metrics
-
-        manifest = load_manifest(cfg.data.shards)
-        val = {k for e in manifest["shards"] if e["split"] == "val" for k in e["keys"]}
-        records = [r for r in read_cohort(raw, check_pixels=False).records if r.patient_id in val]
-        oracle = oracle_metrics(truth, records)
+        oracle = synthetic_oracle(truth, raw, cfg.data.shards)
     print(
         f"\nrun {cfg.run.name!r}: {metrics.get('epoch', -1) + 1} epochs, "
         f"{metrics.get('global_step', 0)} optimizer steps"

@@ -17,7 +17,7 @@ from mmdls_dist.config import Config, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import MANIFEST, ShardOptions, build_shards, load_manifest
 from mmdls_dist.data.splits import SplitRecipe
-from mmdls_dist.data.synth import SynthSpec, generate
+from mmdls_dist.data.synth import SynthSpec, generate, oracle_metrics
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +114,12 @@ def resolve_data(
         shards = str(Path(shards).resolve())  # Ray workers do not share the driver's cwd
     load_manifest(shards)  # fail early, on the driver, if the shards are not there
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards)), truth, raw
+
+
+def synthetic_oracle(truth: dict, raw: str, shards: str, split: str = "val") -> dict[str, float]:
+    """Oracle metrics of a synthetic cohort on one split of its shards (labels read from the
+    raw tables, so label gaps match what the model was scored on)."""
+    manifest = load_manifest(shards)
+    keys = {k for e in manifest["shards"] if e["split"] == split for k in e["keys"]}
+    records = [r for r in read_cohort(raw, check_pixels=False).records if r.patient_id in keys]
+    return oracle_metrics(truth, records)
