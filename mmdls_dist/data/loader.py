@@ -40,12 +40,12 @@ from mmdls_dist.config import DataConfig
 from mmdls_dist.data.schema import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,
-    LOG1P_FEATURES,
     N_RADIOMICS,
     PET_FEATURES,
     ZSCORE_CLINICAL,
     ZSCORE_CLIP,
     Batch,
+    before_zscore,
     unpack_masks,
 )
 from mmdls_dist.data.shards import ShardError, join_url, load_manifest, verify_shard
@@ -243,16 +243,21 @@ def tabular(metas: list[dict], norm: dict) -> dict[str, torch.Tensor]:
     cols = dict(zip(names, _values(metas, "clinical", names).T, strict=True))
     feats = {}
     for name in ZSCORE_CLINICAL:
-        x = np.log1p(cols[name]) if name in LOG1P_FEATURES else cols[name]
         stats = norm["clinical"][name]
-        feats[name] = _zscore(x, stats["mean"], stats["std"])
+        feats[name] = _zscore(before_zscore(name, cols[name]), stats["mean"], stats["std"])
     feats["sex"] = cols["sex"]
     status = cols["smoking_status"]
     for code, name in enumerate(("smoking_never", "smoking_former", "smoking_current")):
         feats[name] = np.where(np.isnan(status), np.nan, (status == code).astype(float))
     clinical, clinical_missing = _finish(np.stack([feats[k] for k in CLINICAL_FEATURES], axis=1))
 
-    pet_raw = np.log1p(_values(metas, "pet", PET_FEATURES))
+    pet_raw = np.stack(
+        [
+            before_zscore(k, v)
+            for k, v in zip(PET_FEATURES, _values(metas, "pet", PET_FEATURES).T, strict=True)
+        ],
+        axis=1,
+    )
     pet_mean = [norm["pet"][k]["mean"] for k in PET_FEATURES]
     pet_std = [norm["pet"][k]["std"] for k in PET_FEATURES]
     pet, pet_missing = _finish(_zscore(pet_raw, pet_mean, pet_std))

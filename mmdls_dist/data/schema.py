@@ -73,6 +73,14 @@ CLINICAL_FEATURES: tuple[str, ...] = (
 # are log1p-transformed first (TLG and MTV span orders of magnitude between patients).
 ZSCORE_CLINICAL = ("age", "smoking_years", "years_since_cessation", "tumor_diameter_mm")
 LOG1P_FEATURES = ("tumor_diameter_mm", "suv_max", "suv_mean", "suv_peak", "tlg", "mtv")
+
+
+def before_zscore(name: str, values: np.ndarray) -> np.ndarray:
+    """The transform a feature gets before z-scoring; the training-split statistics and the
+    loader both go through here, so they cannot drift apart."""
+    return np.log1p(values) if name in LOG1P_FEATURES else values
+
+
 PET_FEATURES: tuple[str, ...] = tuple(c.name for c in PET_COLUMNS)
 
 # Normalised values are clipped to +-ZSCORE_CLIP: a z-score beyond it comes from an outlier

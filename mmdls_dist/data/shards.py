@@ -40,6 +40,7 @@ from mmdls_dist.data.schema import (
     SCHEMA_VERSION,
     ZSCORE_CLINICAL,
     PatientRecord,
+    before_zscore,
 )
 from mmdls_dist.data.splits import SPLITS, SplitRecipe, assign_splits
 
@@ -237,7 +238,7 @@ def normalization_stats(train: Sequence[PatientRecord]) -> dict:
 
     def column(group: str, name: str) -> np.ndarray:
         values = np.array([getattr(r, group)[name] for r in train], dtype=float)
-        return np.log1p(values) if name in LOG1P_FEATURES else values
+        return before_zscore(name, values)
 
     clinical = {}
     for name in ZSCORE_CLINICAL:
