@@ -1,7 +1,7 @@
 """`mmdls <subcommand>`: the command line. jobs/*.py are thin wrappers around it.
 
-Subcommands: synth, ingest, shard, verify, stream, train. `mmdls <subcommand> --help`
-explains each.
+Subcommands: synth, ingest, shard, verify, stream, train, evaluate, predict.
+`mmdls <subcommand> --help` explains each.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from mmdls_dist.config import DataConfig
 log = logging.getLogger("mmdls")
 
 
-def _mapper(executor: str, desc: str, address: str | None = None):
+def _mapper(executor: str, desc: str, address: str | None = None, gpus: float = 0.0):
     from mmdls_dist import parallel
 
     if executor == "serial":
         return parallel.serial_mapper(desc)
     parallel.init_ray(address)
-    return parallel.ray_mapper(desc)
+    return parallel.ray_mapper(desc, num_gpus=gpus)
 
 
 def _add_executor(p: argparse.ArgumentParser) -> None:
@@ -253,6 +253,101 @@ def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
     print(f"tensorboard : tensorboard --logdir {tensorboard_dir(cfg, local_run_dir(cfg))}")
 
 
+def _models(specs: list[str]) -> dict[str, str]:
+    """["full=runs/a", "runs/b"] -> {"full": "runs/a", "b": "runs/b"} (label = folder name)."""
+    out = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or "://" in label:
+            label, path = Path(spec.rstrip("/")).name, spec
+        if label in out:
+            raise ValueError(f"two models are labelled {label!r}; name them as LABEL=PATH")
+        out[label] = path
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmdls_dist.evaluate import run_evaluation
+    from mmdls_dist.inference import checkpoint_identity, resolve_checkpoint
+
+    models = _models(args.models)
+    first = resolve_checkpoint(next(iter(models.values())))
+    shards = args.shards or checkpoint_identity(first)["config"]["data"]["shards"]
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    metrics = run_evaluation(
+        models,
+        shards,
+        out,
+        splits=args.splits.split(",") if args.splits else None,
+        reference_shards=args.reference_shards,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        mapper=_mapper(args.executor, "inference", args.ray_address, 1.0 if args.gpu else 0.0),
+        parts=args.parts,
+        batch_size=args.batch_size,
+    )
+    _print_evaluation(metrics)
+    log.info("evaluated in %.1fs", time.perf_counter() - t0)
+    print(f"report : {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _print_evaluation(metrics: dict) -> None:
+    print(f"\n{'model':<16}{'split':<10}{'n':>6}{'hist AUC':>10}{'stage AUC':>11}"
+          f"{'DFS C':>8}{'OS C':>8}{'OS AUC36':>10}{'OS IBS':>8}")
+    for label, model in metrics["models"].items():
+        for split, groups in model["splits"].items():
+            m = groups["all"]
+
+            def num(v):
+                return f"{v:.3f}" if isinstance(v, float) else "  –  "
+
+            print(
+                f"{label[:15]:<16}{split:<10}{m['n_patients']:>6}"
+                f"{num(m['histology'].get('auc')):>10}{num(m['stage']['macro_auc']):>11}"
+                f"{num(m['dfs'].get('harrell_c')):>8}{num(m['os'].get('harrell_c')):>8}"
+                f"{num(m['os'].get('td_auc', {}).get('36')):>10}"
+                f"{num(m['os'].get('integrated_brier')):>8}"
+            )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mmdls_dist.predict import run_prediction
+
+    table = run_prediction(
+        args.checkpoint,
+        args.out,
+        raw=args.data,
+        shards=args.shards,
+        split=args.split,
+        reference=args.reference,
+        workdir=args.workdir,
+        masks_dir=args.masks,
+        mapper_factory=lambda desc: _mapper(
+            args.executor, desc, args.ray_address, 1.0 if args.gpu else 0.0
+        ),
+        parts=args.parts,
+        batch_size=args.batch_size,
+    )
+    ok = int((table["status"] == "ok").sum())
+    rejected = len(table) - ok
+    print(f"{ok} patient(s) predicted, {rejected} rejected (see the 'reason' column): {args.out}")
+    return 1 if rejected else 0
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parts",
+        type=int,
+        default=2,
+        help="inference tasks per split (each patient is in exactly one; default: 2)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="patients per forward pass")
+    p.add_argument("--gpu", action="store_true", help="one GPU per inference task")
+    _add_executor(p)
+
+
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
     d = DataConfig()
     p.add_argument("--world-size", type=int, default=2, help="simulated ranks (default: 2)")
@@ -391,6 +486,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics.json + HTML report of one or more checkpoints",
+        description="Evaluate checkpoints on shards, per split and per center: histology "
+        "(AUC, AP, ECE, Brier, sens/spec/PPV/NPV at a threshold fixed on val), stage (per-"
+        "stage and macro AUC, confusion), DFS/OS (Harrell and Uno C, time-dependent AUC and "
+        "Brier at 12/24/36 months, integrated Brier, KM risk groups with cut-points fixed on "
+        "train, log-rank, hazard ratios), Dice; 95% bootstrap CIs. Several models give a "
+        "comparison table.",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="[LABEL=]PATH",
+        help="checkpoint folder, or run folder (its best.json names the best checkpoint)",
+    )
+    p.add_argument("--shards", help="shards to evaluate (default: the first model's training)")
+    p.add_argument("--splits", help="comma-separated splits (default: all in the shards)")
+    p.add_argument(
+        "--reference-shards",
+        help="shards whose train/val splits fix cut-points, baselines and threshold "
+        "(default: each model's training shards)",
+    )
+    p.add_argument("--out", default="mmdls-work/evaluation", help="report folder")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for 95%% CIs; 0 = off")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_inference_args(p)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="per-patient predictions for new patients (CT alone is enough)",
+        description="Predict histology, stage, DFS/OS risk, risk group (training cut-points) "
+        "and survival at 12/24/36 months for a raw-layout folder (labels and lung/ masks "
+        "optional) or a split of existing shards. Unreadable patients get a row with status "
+        "'rejected' and the reason; exit 1 if there are any.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder or run folder (best.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="raw DATA_ROOT of the new patients")
+    src.add_argument("--shards", help="existing shards")
+    p.add_argument("--split", help="split of --shards to predict (default: predict)")
+    p.add_argument("--out", default="predictions.csv", help="output CSV")
+    p.add_argument(
+        "--reference",
+        help="reference-<label>.json from `mmdls evaluate` (default: refit from the "
+        "checkpoint's training shards)",
+    )
+    p.add_argument("--masks", help="also write predicted lung/lesion masks as PNGs here")
+    p.add_argument("--workdir", help="where --data is sharded (default: a temporary folder)")
+    _add_inference_args(p)
+    p.set_defaults(fn=cmd_predict)
     return parser
 
 

@@ -37,7 +37,9 @@ def serial_mapper(desc: str = "") -> Callable[[Callable, Sequence], list]:
     return run
 
 
-def ray_mapper(desc: str = "", num_cpus: float = 1.0) -> Callable[[Callable, Sequence], list]:
+def ray_mapper(
+    desc: str = "", num_cpus: float = 1.0, num_gpus: float = 0.0
+) -> Callable[[Callable, Sequence], list]:
     """A mapper that runs each item as one Ray task; results come back in input order."""
 
     def run(fn: Callable, items: Sequence) -> list:
@@ -45,7 +47,7 @@ def ray_mapper(desc: str = "", num_cpus: float = 1.0) -> Callable[[Callable, Seq
 
         if not items:
             return []
-        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(fn)
         refs = [remote.remote(item) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}
         results: list = [None] * len(refs)

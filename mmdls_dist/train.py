@@ -133,7 +133,13 @@ class Trainer:
         self.amp_dtype, use_scaler = amp_settings(cfg.optim.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.progress = checkpoint.Progress()
-        self.identity = {"config": to_dict(cfg), "manifest_hash": manifest_hash(self.manifest)}
+        self.identity = {
+            "config": to_dict(cfg),
+            "manifest_hash": manifest_hash(self.manifest),
+            # What inference on another cohort must z-score its tables with.
+            "normalization": self.manifest["normalization"],
+            "image_size": self.manifest["image_size"],
+        }
         torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank
 
     def autocast(self):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmdls_dist.config import load_config
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
 from mmdls_dist.data.synth import SynthSpec
 
@@ -94,3 +95,33 @@ def good_patient(
     ct, lung, lesion = volume(seed, n_slices, size)
     write_images(root, pid, ct, lung, lesion if annotated else None)
     return ct, lung, lesion
+
+
+# The smallest training run (integration tests on the debug preset, local Ray).
+TINY_TRAIN = [
+    "data.num_workers=0",
+    "data.max_slices=5",
+    "data.batch_size=3",
+    "model.widths=[4,8,8,16]",
+    "model.decoder_width=8",
+    "model.cross_attention_heads=2",
+    "model.embed_dim=16",
+    "model.fusion_heads=2",
+    "model.tabular_hidden=16",
+    "run.checkpoints_to_keep=0",
+    "run.max_failures=2",
+    "run.overlays=2",
+]
+
+
+def train_config(shards: Path, storage: Path, name: str, *more: str):
+    return load_config(
+        "debug",
+        [
+            *TINY_TRAIN,
+            f"data.shards={shards}",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+            *more,
+        ],
+    )

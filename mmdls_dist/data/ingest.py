@@ -164,8 +164,11 @@ def _read_csv(path: Path, rel: str, defects: list[Defect]) -> pd.DataFrame | Non
     return table
 
 
-def _clinical_rows(root: Path, report: IngestReport) -> dict[str, PatientRecord]:
-    """Parse clinical.csv into records (image fields empty); defects go into the report."""
+def _clinical_rows(
+    root: Path, report: IngestReport, for_prediction: bool = False
+) -> dict[str, PatientRecord]:
+    """Parse clinical.csv into records (image fields empty); defects go into the report.
+    for_prediction: label columns may be absent (new patients have no outcomes yet)."""
     defects = report.defects
     path = root / CLINICAL_CSV
     if not path.is_file():
@@ -174,6 +177,9 @@ def _clinical_rows(root: Path, report: IngestReport) -> dict[str, PatientRecord]
     table = _read_csv(path, CLINICAL_CSV, defects)
     if table is None:
         return {}
+    optional = {c.name for c in LABEL_COLUMNS} if for_prediction else set()
+    for name in sorted(optional - set(table.columns)):
+        table[name] = ""  # absent label column = every label unknown
     missing = [c for c in CLINICAL_CSV_COLUMNS if c not in table.columns]
     for name in missing:
         defects.append(Defect(CLINICAL_CSV, None, name, "required column is missing"))
@@ -343,8 +349,11 @@ def _compare_names(
     return out
 
 
-def _list_images(root: Path, records: dict[str, PatientRecord], report: IngestReport) -> None:
-    """Fill slice_files / lesion_annotated from the folder layout (no pixels read)."""
+def _list_images(
+    root: Path, records: dict[str, PatientRecord], report: IngestReport, for_prediction: bool
+) -> None:
+    """Fill slice_files / lesion_annotated from the folder layout (no pixels read).
+    for_prediction: the lung/ folder may be absent (CT alone is enough to predict)."""
     defects = report.defects
     images = root / IMAGES
     folders = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
@@ -366,7 +375,9 @@ def _list_images(root: Path, records: dict[str, PatientRecord], report: IngestRe
             continue
         record.slice_files = ct
         lung_dir = images / pid / "lung"
-        if not lung_dir.is_dir():
+        if not lung_dir.is_dir() and for_prediction:
+            record.lung_annotated = False
+        elif not lung_dir.is_dir():
             defects.append(Defect(f"{base}/lung", pid, "lung", "lung mask folder is missing"))
         else:
             lung = _png_names(lung_dir, f"{base}/lung", pid, "lung", defects)
@@ -386,12 +397,12 @@ def open_slice(path: Path) -> Image.Image:
 
 
 def check_patient_images(
-    root: str, pid: str, slice_files: list[str], annotated: bool
+    root: str, pid: str, slice_files: list[str], annotated: bool, lung: bool = True
 ) -> tuple[list[Defect], tuple[int, int] | None]:
     """Decode every slice of one patient -> (defects, (H, W) of its slices or None)."""
     defects: list[Defect] = []
     size: tuple[int, int] | None = None
-    folders = ("ct", "lung", "lesion") if annotated else ("ct", "lung")
+    folders = ("ct",) + (("lung",) if lung else ()) + (("lesion",) if annotated else ())
     base = Path(root) / IMAGES / pid
     for name in slice_files:
         ct_size = None
@@ -437,9 +448,12 @@ def check_patient_images(
     return defects, size
 
 
-def _check_chunk(args: tuple[str, list[tuple[str, list[str], bool]]]):
+def _check_chunk(args: tuple[str, list[tuple[str, list[str], bool, bool]]]):
     root, patients = args
-    return [check_patient_images(root, pid, files, ann) for pid, files, ann in patients]
+    return [
+        check_patient_images(root, pid, files, lesion, lung)
+        for pid, files, lesion, lung in patients
+    ]
 
 
 def read_cohort(
@@ -448,8 +462,12 @@ def read_cohort(
     check_pixels: bool = True,
     mapper: Mapper = serial_map,
     chunk_size: int = 16,
+    for_prediction: bool = False,
 ) -> IngestReport:
     """Read and validate a raw export. Patients with any defect are rejected (not kept).
+
+    for_prediction: new patients: label columns and lung/ folders may be absent (their
+    values are unknown / not stored); everything else is checked as for training.
 
     `mapper(fn, items)` runs the per-chunk pixel checks; the CLI passes a Ray-task mapper so
     a large cohort is checked in parallel, tests pass the serial default.
@@ -459,18 +477,18 @@ def read_cohort(
     if not root.is_dir():
         report.defects.append(Defect(".", None, "(folder)", f"DATA_ROOT {root} is not a folder"))
         return report
-    records = _clinical_rows(root, report)
+    records = _clinical_rows(root, report, for_prediction)
     report.radiomics_names = _radiomics(root, records, report)
-    _list_images(root, records, report)
+    _list_images(root, records, report, for_prediction)
     if check_pixels:
         todo = [
-            (r.patient_id, r.slice_files, r.lesion_annotated)
+            (r.patient_id, r.slice_files, r.lesion_annotated, r.lung_annotated)
             for r in records.values()
             if r.slice_files
         ]
         chunks = [(str(root), todo[i : i + chunk_size]) for i in range(0, len(todo), chunk_size)]
         for chunk, results in zip(chunks, mapper(_check_chunk, chunks), strict=True):
-            for (pid, _, _), (defects, size) in zip(chunk[1], results, strict=True):
+            for (pid, *_), (defects, size) in zip(chunk[1], results, strict=True):
                 report.defects.extend(defects)
                 records[pid].image_size = size
     bad = {d.patient_id for d in report.defects if d.patient_id is not None}

@@ -105,6 +105,7 @@ class PatientRecord:
     slice_files: list[str]  # sorted file names, shared by ct/, lung/ and lesion/
     lesion_annotated: bool
     image_size: tuple[int, int] | None = None  # (H, W), filled by image validation
+    lung_annotated: bool = True  # False only for prediction inputs without lung/ masks
 
 
 @dataclass

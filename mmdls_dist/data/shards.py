@@ -105,9 +105,8 @@ def load_patient_arrays(
     lesion = np.zeros((n, image_size, image_size), dtype=bool)
     for i, name in enumerate(record.slice_files):
         ct[i] = np.asarray(_square(open_slice(base / "ct" / name)).resize(size, Image.BILINEAR))
-        kinds = (
-            (("lung", lung), ("lesion", lesion)) if record.lesion_annotated else (("lung", lung),)
-        )
+        kinds = (("lung", lung),) if record.lung_annotated else ()
+        kinds += (("lesion", lesion),) if record.lesion_annotated else ()
         for kind, out in kinds:
             mask = _square(open_slice(base / kind / name).convert("L"))
             out[i] = np.asarray(mask.resize(size, Image.NEAREST)) > 127
@@ -144,6 +143,7 @@ def patient_meta(record: PatientRecord, split: str, image_size: int) -> dict:
         "image_size": image_size,
         "source_size": list(record.image_size) if record.image_size else None,
         "lesion_annotated": record.lesion_annotated,
+        "lung_annotated": record.lung_annotated,
         "labels": {k: _json_float(v) for k, v in record.labels.items()},
         "clinical": {k: _json_float(v) for k, v in record.clinical.items()},
         "pet": {k: _json_float(v) for k, v in record.pet.items()},
@@ -173,8 +173,7 @@ class ShardPlan:
 def plan_shards(by_split: dict[str, list[PatientRecord]], options: ShardOptions) -> list[ShardPlan]:
     """Pack each split's patients (in the given order) into shards under both limits."""
     plans = []
-    for split in SPLITS:
-        records = by_split.get(split, [])
+    for split, records in by_split.items():
         current: list[PatientRecord] = []
         size = 0
         for record in records:
@@ -267,8 +266,12 @@ def build_shards(
     *,
     allow_rejects: bool = False,
     mapper: Mapper = serial_map,
+    single_split: str | None = None,
 ) -> dict:
     """Split, shard and write manifest.json (last). Returns the manifest.
+
+    single_split: put every patient in this one split instead of following the recipe
+    (new patients to predict; their tables are z-scored with the model's training stats).
 
     Refuses a cohort with defects unless allow_rejects, in which case the rejected patients
     and their reasons are recorded in the manifest (never dropped without a trace).
@@ -285,9 +288,13 @@ def build_shards(
         raise FileExistsError(f"{out} already holds shards (manifest.json); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    split_of = assign_splits(report.records, recipe)
+    if single_split:
+        split_of = {r.patient_id: single_split for r in report.records}
+    else:
+        split_of = assign_splits(report.records, recipe)
     rng = np.random.default_rng(recipe.seed + 1)
-    by_split: dict[str, list[PatientRecord]] = {s: [] for s in SPLITS}
+    names = (single_split,) if single_split else SPLITS
+    by_split: dict[str, list[PatientRecord]] = {s: [] for s in names}
     for record in sorted(report.records, key=lambda r: r.patient_id):
         by_split[split_of[record.patient_id]].append(record)
     for split, records in by_split.items():
@@ -320,7 +327,7 @@ def build_shards(
         "rejected": {pid: [str(d) for d in ds] for pid, ds in sorted(report.rejected.items())},
         "splits": splits,
         "shards": entries,
-        "normalization": normalization_stats(by_split["train"]),
+        "normalization": normalization_stats(by_split["train"]) if "train" in by_split else None,
         "clinical_columns": [c.name for c in CLINICAL_COLUMNS],
         "radiomics_names": report.radiomics_names,
     }

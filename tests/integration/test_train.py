@@ -7,35 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import train_config as config
 
 from mmdls_dist import checkpoint
-from mmdls_dist.config import load_config
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.train import BEST, RUN_IDENTITY, fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-TINY = [
-    "data.num_workers=0",
-    "data.max_slices=5",
-    "data.batch_size=3",
-    "model.widths=[4,8,8,16]",
-    "model.decoder_width=8",
-    "model.cross_attention_heads=2",
-    "model.embed_dim=16",
-    "model.fusion_heads=2",
-    "model.tabular_hidden=16",
-    "run.checkpoints_to_keep=0",
-    "run.max_failures=2",
-    "run.overlays=2",
-]
-
-
-def config(shards: Path, storage: Path, name: str, *more: str):
-    return load_config(
-        "debug",
-        [*TINY, f"data.shards={shards}", f"run.storage_path={storage}", f"run.name={name}", *more],
-    )
 
 
 def steps_per_epoch(shards: Path) -> int:

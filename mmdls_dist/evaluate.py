@@ -1,0 +1,351 @@
+"""Evaluation: predictions table -> every number of the report, per split and per center.
+
+Flow: predictions of the training split -> `Reference` (Breslow baselines, censoring
+distribution and risk-group cut-points from *train*; the histology threshold from *val*)
+-> `group_metrics` for each split and each center of it, with patient-level bootstrap CIs
+for the headline metrics -> one JSON-ready dict. Nothing here is fitted on the set being
+evaluated: that is what the original research code got wrong (cut-points from the
+evaluated set, a min-max-scaled risk as "Brier").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from mmdls_dist.classification_metrics import (
+    ECE_BINS,
+    binary_metrics,
+    multiclass_metrics,
+    youden_threshold,
+)
+from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.inference import STAGES, stage_probs
+from mmdls_dist.survival_metrics import (
+    ENDPOINTS,
+    BreslowBaseline,
+    CensoringKM,
+    assign_risk_groups,
+    brier_scores,
+    cumulative_dynamic_auc,
+    harrell_c,
+    integrated_brier,
+    kaplan_meier_groups,
+    risk_cutpoints,
+    uno_c,
+)
+
+log = logging.getLogger(__name__)
+
+HORIZONS = (12.0, 24.0, 36.0)  # months: time-dependent AUC, Brier, survival probabilities
+AT_RISK_TIMES = (0.0, 12.0, 24.0, 36.0, 48.0, 60.0)  # months, under the KM curves
+
+
+@dataclass
+class Reference:
+    """What the evaluated sets are scored against, all fixed on the training cohort."""
+
+    histology_threshold: float  # Youden on the validation split (0.5 if undefined)
+    cutpoints: dict[str, list[float]]  # endpoint -> risk tertiles of the training split
+    baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 on the training split
+    censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
+    horizons: tuple[float, ...] = HORIZONS
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "histology_threshold": self.histology_threshold,
+            "cutpoints": self.cutpoints,
+            "baselines": {e: b.to_dict() for e, b in self.baselines.items()},
+            "censoring": {e: c.to_dict() for e, c in self.censoring.items()},
+            "horizons": list(self.horizons),
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Reference:
+        return cls(
+            histology_threshold=d["histology_threshold"],
+            cutpoints=d["cutpoints"],
+            baselines={e: BreslowBaseline.from_dict(b) for e, b in d["baselines"].items()},
+            censoring={e: CensoringKM.from_dict(c) for e, c in d["censoring"].items()},
+            horizons=tuple(d["horizons"]),
+            notes=list(d.get("notes", [])),
+        )
+
+
+def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
+    """-> (risk, time, event) of the patients whose `endpoint` label is known."""
+    known = frame[f"{endpoint}_known"].to_numpy(bool)
+    sub = frame[known]
+    return (
+        sub[f"{endpoint}_risk"].to_numpy(float),
+        sub[f"{endpoint}_time"].to_numpy(float),
+        sub[f"{endpoint}_event"].to_numpy(bool),
+    )
+
+
+def fit_reference(train: pd.DataFrame, val: pd.DataFrame | None) -> Reference:
+    """Fit the reference on the training split's predictions (threshold on validation)."""
+    notes = []
+    if val is not None and len(val):
+        threshold = youden_threshold(val["histology_prob"], val["histology"])
+    else:
+        threshold = 0.5
+        notes.append("no validation split: histology threshold fixed at 0.5")
+    cutpoints, baselines, censoring = {}, {}, {}
+    for endpoint in ENDPOINTS:
+        risk, time, event = endpoint_arrays(train, endpoint)
+        cutpoints[endpoint] = risk_cutpoints(risk)
+        baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
+        censoring[endpoint] = CensoringKM.fit(time, event)
+    return Reference(threshold, cutpoints, baselines, censoring, notes=notes)
+
+
+# --- metrics of one group of patients ------------------------------------------------------
+
+
+def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
+    risk, time, event = endpoint_arrays(frame, endpoint)
+    out: dict = {"n": int(len(risk)), "events": int(event.sum())}
+    if len(risk) < 2 or not event.any():
+        return out | {"harrell_c": math.nan, "uno_c": math.nan}
+    horizons = np.asarray(ref.horizons)
+    censoring = ref.censoring[endpoint]
+    surv = ref.baselines[endpoint].survival_at(risk, horizons)
+    grid = np.arange(1.0, horizons[-1] + 1.0)
+    grid = grid[grid < time.max()]
+    groups = assign_risk_groups(risk, ref.cutpoints[endpoint])
+    return out | {
+        "harrell_c": harrell_c(risk, time, event),
+        "uno_c": uno_c(risk, time, event, censoring, tau=float(horizons[-1])),
+        "uno_tau_months": float(horizons[-1]),
+        "td_auc": _by_horizon(horizons, cumulative_dynamic_auc(risk, time, event, horizons,
+                                                               censoring)),
+        "brier": _by_horizon(horizons, brier_scores(surv, time, event, horizons, censoring)),
+        "integrated_brier": (
+            integrated_brier(ref.baselines[endpoint].survival_at(risk, grid), time, event,
+                             grid, censoring) if len(grid) >= 2 else math.nan
+        ),
+        "ibs_grid_months": [float(grid[0]), float(grid[-1])] if len(grid) >= 2 else None,
+        "mean_predicted_survival": _by_horizon(horizons, surv.mean(axis=0)),
+        "risk_groups": kaplan_meier_groups(time, event, groups, AT_RISK_TIMES),
+    }
+
+
+def _by_horizon(horizons, values) -> dict[str, float]:
+    return {f"{h:g}": float(v) for h, v in zip(horizons, values, strict=True)}
+
+
+def segmentation_block(frame: pd.DataFrame) -> dict:
+    """Mean Dice per structure over patients; empty-vs-empty patients (NaN) are excluded."""
+    out = {}
+    for key in ("dice_lung", "dice_lesion"):
+        if key not in frame:
+            continue
+        values = frame[key].to_numpy(float)
+        values = values[np.isfinite(values)]
+        out[key] = float(values.mean()) if len(values) else math.nan
+        out[f"{key}_n"] = int(len(values))
+    return out
+
+
+def group_metrics(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -> dict:
+    """Every metric of the report for one set of patients."""
+    out = {
+        "n_patients": int(len(frame)),
+        "histology": binary_metrics(
+            frame["histology_prob"].to_numpy(), frame["histology"].to_numpy(),
+            ref.histology_threshold,
+        ),
+        "stage": multiclass_metrics(stage_probs(frame), frame["stage"].to_numpy(), STAGES),
+        **{e: survival_block(frame, e, ref) for e in ENDPOINTS},
+        "segmentation": segmentation_block(frame),
+    }
+    out["ci95"] = bootstrap_ci(frame, ref, n_boot, seed) if n_boot > 0 else {}
+    return out
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+
+
+def headline(frame: pd.DataFrame, ref: Reference) -> dict[str, float]:
+    """The metrics that get confidence intervals (cheap enough to recompute per resample)."""
+    out = {}
+    y, p = frame["histology"].to_numpy(), frame["histology_prob"].to_numpy()
+    keep = y >= 0
+    if len(np.unique(y[keep])) == 2:
+        out["histology.auc"] = roc_auc_score(y[keep], p[keep])
+        out["histology.ap"] = average_precision_score(y[keep], p[keep])
+    out["stage.macro_auc"] = multiclass_auc(stage_probs(frame), frame["stage"].to_numpy())
+    for endpoint in ENDPOINTS:
+        risk, time, event = endpoint_arrays(frame, endpoint)
+        if len(risk) < 2 or not event.any():
+            continue
+        out[f"{endpoint}.harrell_c"] = harrell_c(risk, time, event)
+        out[f"{endpoint}.uno_c"] = uno_c(
+            risk, time, event, ref.censoring[endpoint], tau=ref.horizons[-1]
+        )
+        aucs = cumulative_dynamic_auc(risk, time, event, ref.horizons, ref.censoring[endpoint])
+        for h, v in zip(ref.horizons, aucs, strict=True):
+            out[f"{endpoint}.td_auc.{h:g}"] = v
+    return out
+
+
+def multiclass_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    keep = labels >= 0
+    probs, labels = probs[keep], labels[keep]
+    aucs = []
+    for c in range(probs.shape[1]):
+        y = labels == c
+        if y.all() or not y.any():
+            return math.nan
+        aucs.append(roc_auc_score(y, probs[:, c]))
+    return float(np.mean(aucs))
+
+
+def bootstrap_ci(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -> dict:
+    """Percentile 95% CIs from `n_boot` patient-level resamples (with replacement)."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(frame), len(frame))
+        for key, value in headline(frame.iloc[idx], ref).items():
+            samples.setdefault(key, []).append(value)
+    out = {}
+    for key, values in samples.items():
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) >= max(10, n_boot // 2):
+            lo, hi = np.percentile(values, [2.5, 97.5])
+            out[key] = [float(lo), float(hi)]
+    return out
+
+
+# --- the whole evaluation -------------------------------------------------------------------
+
+
+def evaluate_frame(
+    frame: pd.DataFrame,
+    ref: Reference,
+    splits: list[str],
+    n_boot: int = 200,
+    seed: int = 0,
+    min_center_patients: int = 10,
+) -> dict:
+    """Per split: all patients, then each center with at least `min_center_patients`."""
+    out = {}
+    for split in splits:
+        part = frame[frame["split"] == split]
+        if part.empty:
+            continue
+        centers = {}
+        for center, sub in part.groupby("center"):
+            if len(sub) >= min_center_patients and part["center"].nunique() > 1:
+                centers[str(center)] = group_metrics(sub, ref, n_boot, seed)
+        out[split] = {"all": group_metrics(part, ref, n_boot, seed), "centers": centers}
+    return out
+
+
+# --- the job: checkpoints + shards -> metrics.json, predictions, report.html ---------------
+
+
+def _jsonable(value):
+    """NaN / inf -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def reference_for(
+    ckpt: str, frame: pd.DataFrame, shards: str, reference_shards: str | None, **inference
+) -> Reference:
+    """The Reference from the training cohort: the evaluated frame itself when it holds the
+    training split, else inference on the training shards (the checkpoint's own by default)."""
+    from mmdls_dist.inference import checkpoint_identity, run_inference
+
+    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
+    if source != shards or "train" not in set(frame["split"]):
+        have = set(load_manifest(source)["splits"])
+        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have],
+                              **inference)
+    if "train" not in set(frame["split"]):
+        raise ValueError(f"{source}: no training split to fix the reference on")
+    val = frame[frame["split"] == "val"]
+    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None)
+
+
+def run_evaluation(
+    checkpoints: dict[str, str],
+    shards: str,
+    out: str | Path,
+    *,
+    splits: list[str] | None = None,
+    reference_shards: str | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    min_center_patients: int = 10,
+    **inference,
+) -> dict:
+    """Evaluate one or more checkpoints (label -> checkpoint or run folder) on `shards`.
+
+    Writes to `out`: metrics.json, predictions-<label>.csv, reference-<label>.json (what
+    `mmdls predict` applies to new patients), report.html and figures/. Returns metrics."""
+    from mmdls_dist.inference import overlay_batch, resolve_checkpoint, run_inference
+    from mmdls_dist.report import overlay_samples, slug, write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    available = [s for s in ("train", "val", "test", "external") if s in
+                 load_manifest(shards)["splits"]]
+    splits = splits or available
+    results, models, overlays = {}, {}, {}
+    for label, path in checkpoints.items():
+        ckpt = resolve_checkpoint(path)
+        log.info("%s: inference with %s on %s (%s)", label, ckpt, shards, ", ".join(splits))
+        frame = run_inference(ckpt, shards, sorted(set(splits) | ({"train", "val"} &
+                                                                   set(available))), **inference)
+        ref = reference_for(ckpt, frame, shards, reference_shards, **inference)
+        results[label] = evaluate_frame(frame, ref, splits, n_boot, seed, min_center_patients)
+        models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
+        frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
+        (out / f"reference-{slug(label)}.json").write_text(json.dumps(_jsonable(
+            {"checkpoint": ckpt, **ref.to_dict()}), indent=1))
+        overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
+        batch, output = overlay_batch(ckpt, shards, overlay_split)
+        overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []
+    metrics = {
+        "settings": {
+            "shards": shards,
+            "splits": splits,
+            "bootstrap_resamples": n_boot,
+            "bootstrap_seed": seed,
+            "ece_bins": ECE_BINS,
+            "horizons_months": list(HORIZONS),
+            "min_center_patients": min_center_patients,
+            "reference": "Breslow baseline, censoring KM and risk tertiles from the training "
+            "split; histology threshold (Youden) from the validation split",
+        },
+        "models": models,
+    }
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    summary = (
+        f"{len(checkpoints)} model(s) on {shards}; splits {', '.join(splits)}; 95% CIs from "
+        f"{n_boot} patient-level bootstrap resamples; horizons "
+        f"{', '.join(f'{h:g}' for h in HORIZONS)} months."
+    )
+    write_report(out, results, {"summary": summary, "overlay_split": overlay_split}, overlays)
+    return metrics

@@ -1,0 +1,247 @@
+"""Inference from a checkpoint over shards: one table row per patient, each patient once.
+
+Flow: checkpoint folder (or a run folder with best.json) -> Config + weights -> for each
+split, `parts` eval streams (the loader's exactly-once plan for `parts` ranks) run as Ray
+tasks or serially (a `mapper`, as in data prep) -> records -> pandas DataFrame.
+
+The tabular features are z-scored with the *training* cohort's statistics (stored in the
+checkpoint, or read from the training shards' manifest for older checkpoints), so a new
+cohort is normalised exactly as the model saw its training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from mmdls_dist import checkpoint
+from mmdls_dist.config import Config, from_dict
+from mmdls_dist.data.loader import make_loader, select_slices
+from mmdls_dist.data.shards import join_url, load_manifest
+
+log = logging.getLogger(__name__)
+
+STAGES = ("I-II", "III", "IV")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder (holds state.pt) or a run folder (holds best.json) -> checkpoint."""
+    fs, local = fsspec.core.url_to_fs(path)
+    if fs.exists(f"{local.rstrip('/')}/{checkpoint.STATE}"):
+        return path
+    best = join_url(path, "best.json")
+    bfs, bpath = fsspec.core.url_to_fs(best)
+    if bfs.exists(bpath):
+        with bfs.open(bpath, "r") as stream:
+            return json.load(stream)["checkpoint"]
+    raise FileNotFoundError(
+        f"{path}: neither a checkpoint (no {checkpoint.STATE}) nor a run folder (no best.json)"
+    )
+
+
+def local_copy(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """torch.load wants a local file: object-store checkpoints are downloaded once."""
+    if "://" not in path or path.startswith("file://"):
+        return path.removeprefix("file://"), None
+    tmp = tempfile.TemporaryDirectory(prefix="mmdls-ckpt-")
+    fs, remote = fsspec.core.url_to_fs(path)
+    fs.get(remote.rstrip("/") + "/", tmp.name, recursive=True)
+    return tmp.name, tmp
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: Config
+    model: torch.nn.Module
+    identity: dict
+    path: str
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Checkpoint -> model in eval mode (weights_only load: no pickled code runs)."""
+    from mmdls_dist.train import TrainModule
+
+    state, identity = checkpoint.load(path)
+    cfg = from_dict(Config, identity["config"])
+    module = TrainModule(cfg)
+    module.load_state_dict(state["module"])
+    return LoadedModel(cfg, module.model.to(device).eval(), identity, path)
+
+
+def checkpoint_identity(path: str) -> dict:
+    """The checkpoint's config.json (config, data manifest hash, normalisation)."""
+    with fsspec.open(join_url(path, checkpoint.CONFIG), "r") as stream:
+        return json.load(stream)
+
+
+def training_normalization(identity: dict) -> dict:
+    """The training split's z-score statistics the model was trained with."""
+    if "normalization" in identity:
+        return identity["normalization"]
+    shards = identity["config"]["data"]["shards"]
+    try:
+        return load_manifest(shards)["normalization"]
+    except Exception as exn:
+        raise ValueError(
+            "this checkpoint predates stored normalisation statistics and its training "
+            f"shards ({shards}) cannot be read; evaluate where they are reachable"
+        ) from exn
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One inference task: `rank` of `world` eval streams over one split."""
+
+    checkpoint: str
+    shards: str
+    split: str
+    rank: int
+    world: int
+    batch_size: int
+    manifest: dict  # with the training normalisation substituted
+    mask_dir: str | None = None  # write predicted masks as PNGs here
+    slice_names: dict | None = None  # patient -> original slice file names (for mask files)
+    dice: bool = True  # score the predicted masks against the stored ones
+
+
+def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
+    from mmdls_dist.train import prediction_records
+
+    records = prediction_records(batch, out)
+    for r in records:
+        r["split"] = split
+        if not with_dice:
+            r.pop("dice_lung", None)
+            r.pop("dice_lesion", None)
+    return records
+
+
+@torch.no_grad()
+def infer_part(part: Part) -> list[dict]:
+    """Run one part; a plain function so it can be a Ray task (mmdls_dist.parallel)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local, tmp = local_copy(part.checkpoint)
+    try:
+        loaded = load_model(local, device)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    data = dataclasses.replace(
+        loaded.cfg.data, shards=part.shards, batch_size=part.batch_size, num_workers=0
+    )
+    loader = make_loader(data, part.split, "eval", part.rank, part.world, part.manifest)
+    records: list[dict] = []
+    for batch in loader:
+        batch = batch.to(device)
+        out = loaded.model(batch)
+        records.extend(_records(batch, out, part.split, with_dice=part.dice))
+        if part.mask_dir is not None and out.lung_logits is not None:
+            write_masks(part.mask_dir, batch, out, data.max_slices, part.slice_names or {})
+    return records
+
+
+def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> None:
+    """Predicted lung / lesion masks as 0/255 PNGs, one per model slice, named after the
+    original CT slice where known (the model sees an even subsample of the stack)."""
+    lung = (out.lung_logits > 0).cpu().numpy()
+    lesion = (out.lesion_logits > 0).cpu().numpy()
+    n_real = batch.slice_mask.sum(1).cpu().tolist()
+    for i, pid in enumerate(batch.patient_id):
+        names = slice_names.get(pid)
+        n_slices = len(names) if names else int(n_real[i])
+        chosen = select_slices(n_slices, max_slices) if names else np.arange(int(n_real[i]))
+        for kind, masks in (("lung", lung), ("lesion", lesion)):
+            folder = Path(root) / pid / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(int(n_real[i])):
+                name = names[chosen[k]] if names else f"slice_{k:03d}.png"
+                Image.fromarray((masks[i, k] * 255).astype(np.uint8)).save(folder / name)
+
+
+@torch.no_grad()
+def overlay_batch(ckpt: str, shards: str, split: str, patients: int = 4):
+    """(Batch, ModelOutput) of the first `patients` of a split, for the report's overlays."""
+    part = plan_parts(ckpt, shards, [split], 1, patients,
+                      training_normalization(checkpoint_identity(ckpt)))[0]
+    local, tmp = local_copy(ckpt)
+    try:
+        loaded = load_model(local)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    data = dataclasses.replace(loaded.cfg.data, shards=shards, batch_size=patients, num_workers=0)
+    batch = next(iter(make_loader(data, split, "eval", 0, 1, part.manifest)))
+    return batch, loaded.model(batch)
+
+
+def plan_parts(
+    ckpt: str,
+    shards: str,
+    splits: list[str],
+    parts: int,
+    batch_size: int,
+    normalization: dict,
+    **extra,
+) -> list[Part]:
+    manifest = dict(load_manifest(shards), normalization=normalization)
+    have = {e["split"] for e in manifest["shards"]}
+    missing = [s for s in splits if s not in have]
+    if missing:
+        raise ValueError(f"{shards}: no shards for split(s) {missing} (have {sorted(have)})")
+    return [
+        Part(ckpt, shards, split, rank, parts, batch_size, manifest, **extra)
+        for split in splits
+        for rank in range(parts)
+    ]
+
+
+def run_inference(
+    ckpt: str,
+    shards: str,
+    splits: list[str],
+    *,
+    mapper: Callable,
+    parts: int = 1,
+    batch_size: int = 8,
+    **extra,
+) -> pd.DataFrame:
+    """Predictions for every patient of `splits` as a DataFrame (see `predictions_frame`)."""
+    norm = training_normalization(checkpoint_identity(ckpt))
+    plan = plan_parts(ckpt, shards, splits, parts, batch_size, norm, **extra)
+    records = [r for part in mapper(infer_part, plan) for r in part]
+    frame = predictions_frame(records)
+    expected = sum(load_manifest(shards)["splits"][s]["n_patients"] for s in splits)
+    if len(frame) != expected or frame["patient_id"].duplicated().any():
+        raise RuntimeError(
+            f"inference returned {len(frame)} rows for {expected} patients; the shards do not "
+            "match their manifest (run `mmdls verify`)"
+        )
+    return frame
+
+
+def predictions_frame(records: list[dict]) -> pd.DataFrame:
+    """Records -> one row per patient: ids, split, probabilities, risks, labels, Dice."""
+    frame = pd.DataFrame(records)
+    if frame.empty:
+        return frame
+    probs = np.stack(frame.pop("stage_probs").to_numpy())
+    for k, name in enumerate(STAGES):
+        frame[f"stage_prob_{name}"] = probs[:, k]
+    for column in ("dfs_event", "os_event", "dfs_known", "os_known"):
+        frame[column] = frame[column].astype(bool)
+    return frame.sort_values(["split", "patient_id"]).reset_index(drop=True)
+
+
+def stage_probs(frame: pd.DataFrame) -> np.ndarray:
+    return frame[[f"stage_prob_{name}" for name in STAGES]].to_numpy()

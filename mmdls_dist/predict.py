@@ -1,0 +1,154 @@
+"""Prediction for new patients: raw-layout folder (CT alone is enough) or shards -> CSV.
+
+Flow: raw folder -> ingest (for_prediction: no labels or lung masks needed) -> shards of a
+single "predict" split in a work folder -> inference (training normalisation) -> the
+Reference fixed on the training cohort (risk cut-points, Breslow baselines, histology
+threshold) -> one CSV row per patient. Patients that fail validation get a row too, with
+status "rejected" and the reasons (file and field, never cell values): nobody is silently
+missing from the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmdls_dist.data.ingest import read_cohort
+from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest
+from mmdls_dist.data.splits import SplitRecipe
+from mmdls_dist.evaluate import Reference, reference_for
+from mmdls_dist.inference import (
+    STAGES,
+    checkpoint_identity,
+    resolve_checkpoint,
+    run_inference,
+    stage_probs,
+)
+from mmdls_dist.survival_metrics import ENDPOINTS, RISK_GROUPS, assign_risk_groups
+
+log = logging.getLogger(__name__)
+
+PREDICT_SPLIT = "predict"
+
+
+def shard_for_prediction(raw: str, out: str, image_size: int, mapper_factory) -> dict:
+    """Validate a raw folder for prediction and shard its valid patients. -> manifest (its
+    "rejected" block lists who could not be read and why)."""
+    report = read_cohort(raw, mapper=mapper_factory("check images"), for_prediction=True)
+    file_level = [d for d in report.defects if d.patient_id is None]
+    if file_level:
+        raise ValueError(f"{raw} cannot be read as a cohort:\n{report.summary(max_defects=50)}")
+    if report.defects:
+        log.warning("%d patient(s) rejected:\n%s", len(report.rejected), report.summary(50))
+    if not report.records:
+        raise ValueError(f"no readable patients in {raw}:\n{report.summary(max_defects=50)}")
+    return build_shards(
+        report,
+        out,
+        SplitRecipe(),
+        ShardOptions(image_size=image_size),
+        allow_rejects=True,
+        mapper=mapper_factory("write shards"),
+        single_split=PREDICT_SPLIT,
+    )
+
+
+def prediction_table(frame: pd.DataFrame, ref: Reference) -> pd.DataFrame:
+    """Inference frame -> the clinician-facing columns (probabilities, risks, groups,
+    survival probabilities at the reference horizons)."""
+    out = pd.DataFrame({"patient_id": frame["patient_id"], "center": frame["center"]})
+    out["status"] = "ok"
+    out["reason"] = ""
+    out["histology_prob_lusc"] = frame["histology_prob"]
+    out["histology_pred"] = np.where(
+        frame["histology_prob"] >= ref.histology_threshold, "LUSC", "LUAD"
+    )
+    probs = stage_probs(frame)
+    for k, name in enumerate(STAGES):
+        out[f"stage_prob_{name}"] = probs[:, k]
+    out["stage_pred"] = [STAGES[k] for k in probs.argmax(axis=1)]
+    for endpoint in ENDPOINTS:
+        risk = frame[f"{endpoint}_risk"].to_numpy(float)
+        out[f"{endpoint}_risk"] = risk
+        groups = assign_risk_groups(risk, ref.cutpoints[endpoint])
+        out[f"{endpoint}_risk_group"] = [RISK_GROUPS[g] for g in groups]
+        surv = ref.baselines[endpoint].survival_at(risk, ref.horizons)
+        for k, h in enumerate(ref.horizons):
+            out[f"{endpoint}_survival_{h:g}m"] = surv[:, k]
+    return out
+
+
+def with_rejected(table: pd.DataFrame, manifest: dict) -> pd.DataFrame:
+    """Append a row (status "rejected", the reasons, no values) per unreadable patient."""
+    rows = [
+        {"patient_id": pid, "status": "rejected", "reason": " | ".join(reasons)}
+        for pid, reasons in manifest.get("rejected", {}).items()
+    ]
+    return pd.DataFrame(table.to_dict("records") + rows, columns=table.columns)
+
+
+def run_prediction(
+    checkpoint: str,
+    out_csv: str | Path,
+    *,
+    raw: str | None = None,
+    shards: str | None = None,
+    split: str | None = None,
+    reference: str | None = None,
+    workdir: str | None = None,
+    masks_dir: str | None = None,
+    mapper_factory,
+    **inference,
+) -> pd.DataFrame:
+    """Predict for a raw folder (`raw`) or for a split of existing shards (`shards`)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    identity = checkpoint_identity(ckpt)
+    tmp = None
+    slice_names = None
+    if raw is not None:
+        if workdir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="mmdls-predict-")
+            workdir = tmp.name
+        shards = str(Path(workdir, "shards").resolve())
+        manifest = shard_for_prediction(raw, shards, _image_size(identity), mapper_factory)
+        split = PREDICT_SPLIT
+        if masks_dir:
+            slice_names = {
+                r.patient_id: r.slice_files
+                for r in read_cohort(raw, check_pixels=False, for_prediction=True).records
+            }
+    else:
+        manifest = load_manifest(shards)
+        split = split or PREDICT_SPLIT
+    try:
+        mapper = mapper_factory("predict")
+        frame = run_inference(
+            ckpt, shards, [split], mapper=mapper, dice=False, mask_dir=masks_dir,
+            slice_names=slice_names, **inference,
+        )
+        ref = (
+            Reference.from_dict(json.loads(Path(reference).read_text()))
+            if reference
+            else reference_for(ckpt, frame, shards, None, mapper=mapper, **inference)
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    table = prediction_table(frame, ref)
+    table = with_rejected(table, manifest)
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False)
+    return table
+
+
+def _image_size(identity: dict) -> int:
+    """Stored slice size of the training shards (what the model was trained on)."""
+    size = identity["config"]["data"].get("image_size") or identity.get("image_size")
+    if size:
+        return int(size)
+    return int(load_manifest(identity["config"]["data"]["shards"])["image_size"])

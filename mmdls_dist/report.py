@@ -1,0 +1,360 @@
+"""The evaluation report: metrics dict -> PNG figures + one self-contained HTML page.
+
+Figures are drawn from the numbers in metrics.json (curves are stored there), so the page
+and the JSON can never disagree. PNGs are written beside the page and also embedded in it
+(base64), so the HTML file alone can be mailed to a clinician.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mmdls_dist.survival_metrics import ENDPOINTS  # noqa: E402
+
+GROUP_COLORS = {"low": "#1b9e77", "intermediate": "#d95f02", "high": "#7570b3"}
+SPLIT_ORDER = ("train", "val", "test", "external")
+
+
+def _png(fig, path: Path) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    path.write_bytes(buffer.getvalue())
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _with_ci(metrics: dict, key: str, value) -> str:
+    ci = metrics.get("ci95", {}).get(key)
+    text = _fmt(value)
+    return f"{text} <small>({ci[0]:.3f}–{ci[1]:.3f})</small>" if ci and text != "–" else text
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def classification_figure(hist: dict, title: str, path: Path) -> str | None:
+    """ROC, precision-recall and reliability diagram of the histology head."""
+    if "roc_curve" not in hist:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    roc, pr, rel = hist["roc_curve"], hist["pr_curve"], hist["reliability"]
+    axes[0].plot(roc["x"], roc["y"], lw=2)
+    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8)
+    axes[0].set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, AUC {hist['auc']:.3f}")
+    axes[1].plot(pr["x"], pr["y"], lw=2, drawstyle="steps-post")
+    axes[1].axhline(hist["positives"] / max(1, hist["n"]), color="k", ls="--", lw=0.8)
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"PR, AP {hist['ap']:.3f}")
+    filled = [i for i, c in enumerate(rel["count"]) if c > 0]
+    axes[2].plot([0, 1], [0, 1], "k--", lw=0.8)
+    axes[2].plot(
+        [rel["mean_prob"][i] for i in filled], [rel["frac_pos"][i] for i in filled], "o-", lw=2
+    )
+    axes[2].set(
+        xlabel="predicted P(LUSC)",
+        ylabel="observed fraction LUSC",
+        title=f"calibration, ECE {rel['ece']:.3f} ({rel['n_bins']} bins)",
+    )
+    for ax in axes:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    fig.suptitle(title, y=1.03)
+    fig.tight_layout()
+    return _png(fig, path)
+
+
+def km_figure(block: dict, title: str, path: Path) -> str | None:
+    """Kaplan-Meier curves of the risk groups with the number-at-risk table below."""
+    groups = block.get("risk_groups", {})
+    curves = groups.get("curves", {})
+    if not curves:
+        return None
+    fig, (ax, table_ax) = plt.subplots(
+        2, 1, figsize=(6.5, 5.4), gridspec_kw={"height_ratios": [4, 1.1], "hspace": 0.45}
+    )
+    for name, curve in curves.items():
+        ax.step(
+            curve["time"], curve["survival"], where="post", color=GROUP_COLORS[name], lw=2,
+            label=f"{name} (n={curve['n']}, events {curve['events']})",
+        )
+    times = groups["at_risk_times"]
+    ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02), xlim=(0, times[-1]))
+    p = groups.get("logrank_p", math.nan)
+    ax.set_title(f"{title}: log-rank p = {p:.2g}" if math.isfinite(p) else title)
+    ax.legend(loc="lower left", fontsize=8)
+    table_ax.axis("off")
+    rows = [[str(v) for v in c["at_risk"]] for c in curves.values()]
+    table = table_ax.table(
+        cellText=rows, rowLabels=list(curves), colLabels=[f"{t:g}" for t in times],
+        loc="center", cellLoc="center",
+    )
+    table.scale(1, 1.1)
+    table_ax.set_title("number at risk", fontsize=8)
+    return _png(fig, path)
+
+
+def overlay_figure(samples: list[dict], path: Path) -> str | None:
+    """CT slices with predicted lung (blue) and lesion (red) contours, true lesion (green)."""
+    if not samples:
+        return None
+    fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], samples, strict=True):
+        ax.imshow(s["ct"], cmap="gray", vmin=0, vmax=255)
+        for mask, color in ((s["lung"], "tab:blue"), (s["lesion"], "red"), (s["truth"], "lime")):
+            if mask is not None and mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1)
+        ax.set_title(s["title"], fontsize=8)
+        ax.axis("off")
+    fig.suptitle("blue: predicted lung, red: predicted lesion, green: annotated lesion", fontsize=9)
+    return _png(fig, path)
+
+
+# --- HTML -----------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.6em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+h2{border-bottom:2px solid #444;margin-top:2em}small{color:#666}img{max-width:100%}
+.note{background:#fff8e0;padding:0.5em 1em;border-left:4px solid #e0b000}
+"""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(data: str | None) -> str:
+    return f'<img src="data:image/png;base64,{data}">' if data else ""
+
+
+HEADLINE_ROWS = (
+    ("histology AUC", "histology", "auc", "histology.auc"),
+    ("histology AP", "histology", "ap", "histology.ap"),
+    ("histology ECE", "histology", "ece", None),
+    ("histology Brier", "histology", "brier", None),
+    ("stage macro AUC", "stage", "macro_auc", "stage.macro_auc"),
+    *(
+        row
+        for e in ENDPOINTS
+        for row in (
+            (f"{e.upper()} C-index (Harrell)", e, "harrell_c", f"{e}.harrell_c"),
+            (f"{e.upper()} C-index (Uno)", e, "uno_c", f"{e}.uno_c"),
+            (f"{e.upper()} integrated Brier", e, "integrated_brier", None),
+        )
+    ),
+    ("lung Dice", "segmentation", "dice_lung", None),
+    ("lesion Dice", "segmentation", "dice_lesion", None),
+)
+
+
+def side_by_side(by_split: dict) -> str:
+    """Headline metrics, one column per split (internal vs external at a glance)."""
+    splits = [s for s in SPLIT_ORDER if s in by_split]
+    rows = [["patients", *[str(by_split[s]["all"]["n_patients"]) for s in splits]]]
+    for label, block, key, ci_key in HEADLINE_ROWS:
+        cells = []
+        for s in splits:
+            m = by_split[s]["all"]
+            value = m[block].get(key)
+            cells.append(_with_ci(m, ci_key, value) if ci_key else _fmt(value))
+        rows.append([label, *cells])
+    for e in ENDPOINTS:
+        for h in ("12", "24", "36"):
+            rows.append(
+                [f"{e.upper()} AUC({h} mo)"]
+                + [_with_ci(by_split[s]["all"], f"{e}.td_auc.{h}",
+                            by_split[s]["all"][e].get("td_auc", {}).get(h)) for s in splits]
+            )
+            rows.append(
+                [f"{e.upper()} Brier({h} mo)"]
+                + [_fmt(by_split[s]["all"][e].get("brier", {}).get(h)) for s in splits]
+            )
+    return _table(["metric", *splits], rows)
+
+
+def group_section(m: dict, title: str, figures: dict) -> str:
+    """Tables (and figures where given) of one split or center."""
+    parts = [f"<h3>{html.escape(title)}</h3>"]
+    hist = m["histology"]
+    at = hist.get("at_threshold", {})
+    parts.append(
+        _table(
+            ["histology", "n", "LUSC", "AUC", "AP", "ECE", "Brier", "threshold", "sens", "spec",
+             "PPV", "NPV"],
+            [[
+                "LUAD vs LUSC", str(hist["n"]), str(hist["positives"]),
+                _with_ci(m, "histology.auc", hist.get("auc")),
+                _with_ci(m, "histology.ap", hist.get("ap")), _fmt(hist.get("ece")),
+                _fmt(hist.get("brier")), _fmt(at.get("threshold")),
+                _fmt(at.get("sensitivity")), _fmt(at.get("specificity")), _fmt(at.get("ppv")),
+                _fmt(at.get("npv")),
+            ]],
+        )
+    )
+    stage = m["stage"]
+    rows = [[name, str(v["n"]), _fmt(v["auc"]), _fmt(v["ap"])]
+            for name, v in stage["per_class"].items()]
+    rows.append(["macro", str(stage["n"]), _with_ci(m, "stage.macro_auc", stage["macro_auc"]), ""])
+    parts.append(_table(["stage (one vs rest)", "n", "AUC", "AP"], rows))
+    names = list(stage["per_class"])
+    parts.append(
+        "<p><small>stage confusion matrix (rows = truth, columns = predicted)</small></p>"
+        + _table(["", *names], [[n, *map(str, r)] for n, r in zip(names, stage["confusion"],
+                                                                    strict=True)])
+    )
+    parts.append(survival_table(m))
+    parts.append(hazard_table(m))
+    for key in ("classification", *ENDPOINTS, "overlays"):
+        parts.append(_img(figures.get(key)))
+    return "\n".join(parts)
+
+
+def survival_table(m: dict) -> str:
+    rows = []
+    for e in ENDPOINTS:
+        b = m[e]
+        rows.append(
+            [e.upper(), str(b["n"]), str(b["events"]),
+             _with_ci(m, f"{e}.harrell_c", b.get("harrell_c")),
+             _with_ci(m, f"{e}.uno_c", b.get("uno_c")),
+             *[_with_ci(m, f"{e}.td_auc.{h}", b.get("td_auc", {}).get(h)) for h in ("12", "24",
+                                                                                   "36")],
+             *[_fmt(b.get("brier", {}).get(h)) for h in ("12", "24", "36")],
+             _fmt(b.get("integrated_brier"))]
+        )
+    return _table(
+        ["endpoint", "n", "events", "C Harrell", "C Uno", "AUC 12", "AUC 24", "AUC 36",
+         "Brier 12", "Brier 24", "Brier 36", "IBS"],
+        rows,
+    )
+
+
+def hazard_table(m: dict) -> str:
+    rows = []
+    for e in ENDPOINTS:
+        groups = m[e].get("risk_groups", {})
+        for name, hr in groups.get("hazard_ratios", {}).items():
+            rows.append(
+                [e.upper(), f"{name} vs low", _fmt(hr["hr"], 2),
+                 f"{hr['ci_low']:.2f}–{hr['ci_high']:.2f}", _fmt(hr["p"], 3),
+                 _fmt(groups.get("logrank_p"), 3)]
+            )
+    if not rows:
+        return ""
+    return _table(["endpoint", "group", "HR", "95% CI", "p", "log-rank p"], rows)
+
+
+def comparison_rows(results: dict[str, dict]) -> list[dict]:
+    """Model label -> evaluate_frame output  =>  one row per (model, split) of headline
+    numbers, for the comparison table (e.g. full vs imaging-only vs clinical-only)."""
+    rows = []
+    for label, by_split in results.items():
+        for split, groups in by_split.items():
+            m = groups["all"]
+            rows.append(
+                {
+                    "model": label,
+                    "split": split,
+                    "n": m["n_patients"],
+                    "histology AUC": m["histology"].get("auc", math.nan),
+                    "stage macro AUC": m["stage"]["macro_auc"],
+                    **{
+                        f"{e.upper()} {k}": m[e].get(key, math.nan)
+                        for e in ENDPOINTS
+                        for k, key in (("C (Harrell)", "harrell_c"), ("C (Uno)", "uno_c"))
+                    },
+                    "lesion Dice": m["segmentation"].get("dice_lesion", math.nan),
+                }
+            )
+    return rows
+
+
+def comparison_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    header = list(rows[0])
+    return _table(header, [[_fmt(r[h]) for h in header] for r in rows])
+
+
+def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
+    """results: model label -> split -> {"all", "centers"}; overlays: label -> samples."""
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    body = [f"<h1>MM-DLS evaluation</h1><p>{html.escape(meta.get('summary', ''))}</p>"]
+    for note in meta.get("notes", []):
+        body.append(f'<p class="note">{html.escape(note)}</p>')
+    if len(results) > 1:
+        body.append("<h2>Model comparison</h2>" + comparison_table(comparison_rows(results)))
+    for label, by_split in results.items():
+        body.append(f"<h2>{html.escape(label)}: internal vs external</h2>")
+        body.append(side_by_side(by_split))
+        for split in [s for s in SPLIT_ORDER if s in by_split]:
+            stem = f"{slug(label)}-{split}"
+            m = by_split[split]["all"]
+            figures = {
+                "classification": classification_figure(
+                    m["histology"], f"{label}: histology, {split}",
+                    figures_dir / f"{stem}-histology.png"),
+                **{e: km_figure(m[e], f"{label}: {e.upper()} risk groups, {split}",
+                                figures_dir / f"{stem}-km-{e}.png") for e in ENDPOINTS},
+            }
+            if split == meta.get("overlay_split"):
+                figures["overlays"] = overlay_figure(
+                    overlays.get(label, []), figures_dir / f"{stem}-overlays.png")
+            body.append(group_section(m, f"{label} / {split}: all centers", figures))
+            for center, cm in by_split[split]["centers"].items():
+                body.append(group_section(cm, f"{label} / {split}: {center}", {}))
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>MM-DLS evaluation</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+def overlay_samples(batch, out, limit: int = 4) -> list[dict]:
+    """The most lesion-bearing slice of the first `limit` patients of a batch."""
+    samples = []
+    lung = (out.lung_logits > 0).cpu().numpy()
+    lesion = (out.lesion_logits > 0).cpu().numpy()
+    truth = batch.lesion_mask.cpu().numpy().astype(bool)
+    ct = batch.ct.cpu().numpy()
+    for i in range(min(limit, len(batch.patient_id))):
+        area = truth[i].sum((1, 2)) + lesion[i].sum((1, 2))
+        k = int(np.argmax(area))
+        samples.append(
+            {
+                "ct": ct[i, k],
+                "lung": lung[i, k],
+                "lesion": lesion[i, k],
+                "truth": truth[i, k] if bool(batch.lesion_annotated[i]) else None,
+                # Position in the batch, not the patient id: ids stay out of shared figures.
+                "title": f"patient {i + 1}, slice {k + 1}",
+            }
+        )
+    return samples

@@ -1,0 +1,186 @@
+"""Evaluation report and prediction end to end from a tiny checkpoint trained with Ray Train;
+inference runs as Ray tasks on the shared local Ray session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import train_config
+
+from mmdls_dist.cli import main
+from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.evaluate import run_evaluation
+from mmdls_dist.parallel import ray_mapper
+from mmdls_dist.predict import run_prediction
+from mmdls_dist.train import fit
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained_run(ray_session, shard_dir, tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("runs")
+    result = fit(train_config(shard_dir, storage, "tiny", "optim.epochs=2"))
+    assert result.error is None
+    return storage / "tiny"
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_run, shard_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    checkpoints = sorted(p for p in trained_run.glob("checkpoint_*") if p.is_dir())
+    metrics = run_evaluation(
+        {"best": str(trained_run), "first epoch": str(checkpoints[0])},
+        str(shard_dir),
+        out,
+        n_boot=20,
+        min_center_patients=2,
+        mapper=ray_mapper("inference"),
+        parts=2,
+        batch_size=4,
+    )
+    return out, metrics
+
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_report_has_every_split_center_and_model(evaluation, shard_dir):
+    out, metrics = evaluation
+    manifest = load_manifest(str(shard_dir))
+    saved = strict_json(out / "metrics.json")  # NaN written as null
+    assert set(saved["models"]) == {"best", "first epoch"}
+    splits = saved["models"]["best"]["splits"]
+    assert set(splits) == set(manifest["splits"])  # train, val, test, external
+    for split, info in manifest["splits"].items():
+        m = splits[split]["all"]
+        assert m["n_patients"] == info["n_patients"]
+        if len(info["centers"]) > 1:  # centers with >= min_center_patients get a section
+            expected = {c for c, n in info["centers"].items() if n >= 2}
+            assert set(splits[split]["centers"]) == expected
+        assert {"harrell_c", "uno_c", "td_auc", "brier", "risk_groups"} <= set(m["os"])
+        assert set(m["histology"]) >= {"n", "positives"}
+    page = (out / "report.html").read_text()
+    assert "Model comparison" in page and "best / external: all centers" in page
+    assert (out / "figures" / "best-test-overlays.png").exists()
+    assert "HOSP-A-0" not in page  # no patient ids in the shared report
+
+
+def test_predictions_cover_each_patient_once_and_cutpoints_come_from_train(evaluation, shard_dir):
+    out, metrics = evaluation
+    table = pd.read_csv(out / "predictions-best.csv")
+    manifest = load_manifest(str(shard_dir))
+    assert len(table) == sum(s["n_patients"] for s in manifest["splits"].values())
+    assert not table["patient_id"].duplicated().any()
+    ref = metrics["models"]["best"]["reference"]
+    train = table[table.split == "train"]["os_risk"]
+    np.testing.assert_allclose(ref["cutpoints"]["os"], np.quantile(train, [1 / 3, 2 / 3]))
+    external = table[table.split == "external"]["os_risk"].to_numpy()
+    curves = metrics["models"]["best"]["splits"]["external"]["all"]["os"]["risk_groups"]["curves"]
+    high = curves.get("high", {"n": 0})["n"]
+    assert high == int(np.sum(external >= ref["cutpoints"]["os"][1]))
+
+
+def ct_only_copy(raw: Path, dest: Path, broken: str) -> list[str]:
+    """New patients as a hospital would send them: no outcome columns, CT only (no lung or
+    lesion masks); one patient's first slice is corrupt."""
+    clinical = pd.read_csv(raw / "clinical.csv", dtype=str, keep_default_na=False)
+    clinical = clinical.drop(
+        columns=["histology", "tnm_stage", "dfs_time", "dfs_event", "os_time", "os_event"]
+    )
+    dest.mkdir(parents=True)
+    clinical.to_csv(dest / "clinical.csv", index=False)
+    shutil.copy(raw / "radiomics.csv", dest / "radiomics.csv")
+    for pid in clinical.patient_id:
+        shutil.copytree(raw / "images" / pid / "ct", dest / "images" / pid / "ct")
+    first = sorted((dest / "images" / broken / "ct").iterdir())[0]
+    first.write_bytes(b"\x89PNG not really")
+    return list(clinical.patient_id)
+
+
+def test_predict_on_a_ct_only_folder(trained_run, evaluation, synth_cohort, tmp_path):
+    out, _ = evaluation
+    raw = synth_cohort[0]
+    ids = ct_only_copy(raw, tmp_path / "new", broken="HOSP-B-0002")
+    table = run_prediction(
+        str(trained_run),
+        tmp_path / "pred.csv",
+        raw=str(tmp_path / "new"),
+        masks_dir=str(tmp_path / "masks"),
+        mapper_factory=ray_mapper,
+        parts=2,
+        batch_size=4,
+    )
+    assert sorted(table["patient_id"]) == sorted(ids)  # nobody silently missing
+    bad = table.set_index("patient_id").loc["HOSP-B-0002"]
+    assert bad["status"] == "rejected" and "ct" in bad["reason"] and "unreadable" in bad["reason"]
+    ok = table[table.status == "ok"].set_index("patient_id")
+    assert set(ok["os_risk_group"]) <= {"low", "intermediate", "high"}
+    assert (ok["os_survival_12m"] >= ok["os_survival_36m"]).all()
+    # Same patients, same weights: CT-only input predicts what the labelled shards gave, so
+    # neither masks nor labels reach inference and the training normalisation is applied.
+    evaluated = pd.read_csv(out / "predictions-best.csv").set_index("patient_id")
+    common = ok.index.intersection(evaluated.index)
+    assert len(common) == len(ok)
+    np.testing.assert_allclose(
+        ok.loc[common, "os_risk"], evaluated.loc[common, "os_risk"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ok.loc[common, "histology_prob_lusc"], evaluated.loc[common, "histology_prob"], atol=1e-5
+    )
+    masks = sorted((tmp_path / "masks" / common[0] / "lesion").glob("*.png"))
+    assert masks and masks[0].name in {
+        p.name for p in (raw / "images" / common[0] / "ct").iterdir()
+    }
+
+
+def test_cli_evaluate_and_predict_from_shards(trained_run, shard_dir, tmp_path, capsys):
+    code = main(
+        [
+            "evaluate",
+            f"tiny={trained_run}",
+            "--shards",
+            str(shard_dir),
+            "--splits",
+            "val,test",
+            "--bootstrap",
+            "0",
+            "--out",
+            str(tmp_path / "ev"),
+            "--parts",
+            "1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "report.html" in printed
+    assert set(strict_json(tmp_path / "ev" / "metrics.json")["models"]["tiny"]["splits"]) == {
+        "val",
+        "test",
+    }
+    code = main(
+        [
+            "predict",
+            str(trained_run),
+            "--shards",
+            str(shard_dir),
+            "--split",
+            "external",
+            "--reference",
+            str(tmp_path / "ev" / "reference-tiny.json"),
+            "--out",
+            str(tmp_path / "ext.csv"),
+        ]
+    )
+    assert code == 0
+    n_external = load_manifest(str(shard_dir))["splits"]["external"]["n_patients"]
+    assert len(pd.read_csv(tmp_path / "ext.csv")) == n_external
