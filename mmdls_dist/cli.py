@@ -1,6 +1,6 @@
 """`mmdls <subcommand>`: the command line. jobs/*.py are thin wrappers around it.
 
-Subcommands: synth, ingest, shard, verify, stream, train, evaluate, predict.
+Subcommands: synth, ingest, shard, verify, stream, train, tune, evaluate, predict.
 `mmdls <subcommand> --help` explains each.
 """
 
@@ -253,6 +253,48 @@ def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
     print(f"tensorboard : tensorboard --logdir {tensorboard_dir(cfg, local_run_dir(cfg))}")
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Ray Tune sweep over whole Ray Train runs; results.csv + best.yaml."""
+    import dataclasses
+
+    from mmdls_dist import parallel
+    from mmdls_dist.config import load_config
+    from mmdls_dist.prep import resolve_data
+    from mmdls_dist.tune import load_sweep, run_sweep, sweep_path
+
+    cfg = load_config(args.config, args.set)
+    if "://" not in cfg.run.storage_path:
+        storage = str(Path(cfg.run.storage_path).resolve())
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage))
+    sweep = load_sweep(sweep_path(args.sweep), cfg)
+    parallel.init_ray(args.ray_address)
+    cfg, _, _ = resolve_data(
+        cfg,
+        raw=args.data,
+        shards=args.shards,
+        workdir=Path(args.workdir),
+        mapper=lambda desc: _mapper("ray", desc),
+    )
+    summary = run_sweep(cfg, sweep, args.name)
+    table = summary["table"]
+    shown = [
+        c
+        for c in table.columns
+        if c in ("trial", "status", "epochs", "error") or c.startswith(("config/", "best "))
+    ]
+    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 20):
+        print(table[shown].to_string(index=False))
+    print(
+        f"\n{summary['trials']} trials, {summary['errors']} failed; table: "
+        f"{summary['root']}/results.csv"
+    )
+    if summary["best"] is None:
+        print("no trial finished: no best config")
+        return 1
+    print(f"best config: {summary['best']}  (python jobs/train.py --config {summary['best']})")
+    return 0
+
+
 def _models(specs: list[str]) -> dict[str, str]:
     """["full=runs/a", "runs/b"] -> {"full": "runs/a", "b": "runs/b"} (label = folder name)."""
     out = {}
@@ -294,8 +336,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_evaluation(metrics: dict) -> None:
-    print(f"\n{'model':<16}{'split':<10}{'n':>6}{'hist AUC':>10}{'stage AUC':>11}"
-          f"{'DFS C':>8}{'OS C':>8}{'OS AUC36':>10}{'OS IBS':>8}")
+    print(
+        f"\n{'model':<16}{'split':<10}{'n':>6}{'hist AUC':>10}{'stage AUC':>11}"
+        f"{'DFS C':>8}{'OS C':>8}{'OS AUC36':>10}{'OS IBS':>8}"
+    )
     for label, model in metrics["models"].items():
         for split, groups in model["splits"].items():
             m = groups["all"]
@@ -486,6 +530,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep of task weights and architecture over Ray Train runs",
+        description="Sweep config fields (dotted names) with Ray Tune; every trial is a "
+        "full multi-worker Ray Train run of --config; ASHA stops weak trials on the sweep "
+        "metric (default val/composite = mean of histology AUC, stage macro AUC, DFS and OS "
+        "C-index). Writes results.csv and best.yaml (a config for `train --config`) under "
+        "run.storage_path/NAME. Starting the same --name again resumes the sweep.",
+    )
+    p.add_argument(
+        "--sweep",
+        default="default",
+        help="sweep preset (debug, default) or YAML file with the search space",
+    )
+    p.add_argument("--name", default="sweep", help="sweep name (default: sweep)")
+    p.add_argument("--config", default="debug", help="base config preset or YAML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a base config field, repeatable",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="raw DATA_ROOT to import and shard")
+    src.add_argument("--shards", help="existing shard folder / prefix")
+    p.add_argument("--workdir", default="mmdls-work", help="generated data and shards")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser(
         "evaluate",

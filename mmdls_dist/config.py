@@ -379,3 +379,20 @@ def load_config(name_or_path: str = "default", overrides: list[str] | None = Non
 def dump_yaml(cfg: Config) -> str:
     """The full resolved config as YAML that load_config accepts unchanged."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """Set fields by dotted name ({"optim.lr": 3e-4, ...}, as Tune samples them) and
+    revalidate; an unknown name fails, naming it."""
+    data = to_dict(cfg)
+    for dotted, value in values.items():
+        keys = dotted.split(".")
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise ValueError(f"{dotted}: no config section {key!r}")
+            node = node[key]
+        if len(keys) < 2 or keys[-1] not in node:
+            raise ValueError(f"{dotted}: no such config field")
+        node[keys[-1]] = list(value) if isinstance(value, tuple) else value
+    return from_dict(Config, data)

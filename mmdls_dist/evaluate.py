@@ -127,12 +127,16 @@ def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
         "harrell_c": harrell_c(risk, time, event),
         "uno_c": uno_c(risk, time, event, censoring, tau=float(horizons[-1])),
         "uno_tau_months": float(horizons[-1]),
-        "td_auc": _by_horizon(horizons, cumulative_dynamic_auc(risk, time, event, horizons,
-                                                               censoring)),
+        "td_auc": _by_horizon(
+            horizons, cumulative_dynamic_auc(risk, time, event, horizons, censoring)
+        ),
         "brier": _by_horizon(horizons, brier_scores(surv, time, event, horizons, censoring)),
         "integrated_brier": (
-            integrated_brier(ref.baselines[endpoint].survival_at(risk, grid), time, event,
-                             grid, censoring) if len(grid) >= 2 else math.nan
+            integrated_brier(
+                ref.baselines[endpoint].survival_at(risk, grid), time, event, grid, censoring
+            )
+            if len(grid) >= 2
+            else math.nan
         ),
         "ibs_grid_months": [float(grid[0]), float(grid[-1])] if len(grid) >= 2 else None,
         "mean_predicted_survival": _by_horizon(horizons, surv.mean(axis=0)),
@@ -162,7 +166,8 @@ def group_metrics(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -
     out = {
         "n_patients": int(len(frame)),
         "histology": binary_metrics(
-            frame["histology_prob"].to_numpy(), frame["histology"].to_numpy(),
+            frame["histology_prob"].to_numpy(),
+            frame["histology"].to_numpy(),
             ref.histology_threshold,
         ),
         "stage": multiclass_metrics(stage_probs(frame), frame["stage"].to_numpy(), STAGES),
@@ -280,8 +285,7 @@ def reference_for(
     source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
     if source != shards or "train" not in set(frame["split"]):
         have = set(load_manifest(source)["splits"])
-        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have],
-                              **inference)
+        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have], **inference)
     if "train" not in set(frame["split"]):
         raise ValueError(f"{source}: no training split to fix the reference on")
     val = frame[frame["split"] == "val"]
@@ -309,21 +313,24 @@ def run_evaluation(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    available = [s for s in ("train", "val", "test", "external") if s in
-                 load_manifest(shards)["splits"]]
+    available = [
+        s for s in ("train", "val", "test", "external") if s in load_manifest(shards)["splits"]
+    ]
     splits = splits or available
     results, models, overlays = {}, {}, {}
     for label, path in checkpoints.items():
         ckpt = resolve_checkpoint(path)
         log.info("%s: inference with %s on %s (%s)", label, ckpt, shards, ", ".join(splits))
-        frame = run_inference(ckpt, shards, sorted(set(splits) | ({"train", "val"} &
-                                                                   set(available))), **inference)
+        frame = run_inference(
+            ckpt, shards, sorted(set(splits) | ({"train", "val"} & set(available))), **inference
+        )
         ref = reference_for(ckpt, frame, shards, reference_shards, **inference)
         results[label] = evaluate_frame(frame, ref, splits, n_boot, seed, min_center_patients)
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
-        (out / f"reference-{slug(label)}.json").write_text(json.dumps(_jsonable(
-            {"checkpoint": ckpt, **ref.to_dict()}), indent=1))
+        (out / f"reference-{slug(label)}.json").write_text(
+            json.dumps(_jsonable({"checkpoint": ckpt, **ref.to_dict()}), indent=1)
+        )
         overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
         batch, output = overlay_batch(ckpt, shards, overlay_split)
         overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []

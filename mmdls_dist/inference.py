@@ -172,8 +172,9 @@ def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> No
 @torch.no_grad()
 def overlay_batch(ckpt: str, shards: str, split: str, patients: int = 4):
     """(Batch, ModelOutput) of the first `patients` of a split, for the report's overlays."""
-    part = plan_parts(ckpt, shards, [split], 1, patients,
-                      training_normalization(checkpoint_identity(ckpt)))[0]
+    part = plan_parts(
+        ckpt, shards, [split], 1, patients, training_normalization(checkpoint_identity(ckpt))
+    )[0]
     local, tmp = local_copy(ckpt)
     try:
         loaded = load_model(local)

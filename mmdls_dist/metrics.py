@@ -65,6 +65,16 @@ def dice_per_patient(pred: torch.Tensor, target: torch.Tensor, slice_mask: torch
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.nan)
 
 
+COMPOSITE = ("auc_histology", "auc_stage", "cindex_dfs", "cindex_os")
+
+
+def composite(metrics: dict[str, float]) -> float:
+    """The sweep objective: mean of histology AUC, stage macro AUC, DFS and OS C-index
+    (each 0.5 = chance, 1 = perfect); the defined ones only, NaN if none is."""
+    values = [metrics[k] for k in COMPOSITE if k in metrics and not np.isnan(metrics[k])]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summarize(records: list[dict], prefix: str = "") -> dict[str, float]:
     """Per-patient prediction records (see train.prediction_records) -> metric dict.
 
@@ -89,6 +99,7 @@ def summarize(records: list[dict], prefix: str = "") -> dict[str, float]:
             col(f"{endpoint}_time")[known],
             col(f"{endpoint}_event")[known],
         )
+    out["composite"] = composite(out)
     for key in ("dice_lung", "dice_lesion"):
         if key in records[0]:
             values = col(key).astype(float)

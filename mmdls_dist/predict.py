@@ -128,8 +128,14 @@ def run_prediction(
     try:
         mapper = mapper_factory("predict")
         frame = run_inference(
-            ckpt, shards, [split], mapper=mapper, dice=False, mask_dir=masks_dir,
-            slice_names=slice_names, **inference,
+            ckpt,
+            shards,
+            [split],
+            mapper=mapper,
+            dice=False,
+            mask_dir=masks_dir,
+            slice_names=slice_names,
+            **inference,
         )
         ref = (
             Reference.from_dict(json.loads(Path(reference).read_text()))

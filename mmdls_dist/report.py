@@ -91,7 +91,11 @@ def km_figure(block: dict, title: str, path: Path) -> str | None:
     )
     for name, curve in curves.items():
         ax.step(
-            curve["time"], curve["survival"], where="post", color=GROUP_COLORS[name], lw=2,
+            curve["time"],
+            curve["survival"],
+            where="post",
+            color=GROUP_COLORS[name],
+            lw=2,
             label=f"{name} (n={curve['n']}, events {curve['events']})",
         )
     times = groups["at_risk_times"]
@@ -102,8 +106,11 @@ def km_figure(block: dict, title: str, path: Path) -> str | None:
     table_ax.axis("off")
     rows = [[str(v) for v in c["at_risk"]] for c in curves.values()]
     table = table_ax.table(
-        cellText=rows, rowLabels=list(curves), colLabels=[f"{t:g}" for t in times],
-        loc="center", cellLoc="center",
+        cellText=rows,
+        rowLabels=list(curves),
+        colLabels=[f"{t:g}" for t in times],
+        loc="center",
+        cellLoc="center",
     )
     table.scale(1, 1.1)
     table_ax.set_title("number at risk", fontsize=8)
@@ -182,8 +189,14 @@ def side_by_side(by_split: dict) -> str:
         for h in ("12", "24", "36"):
             rows.append(
                 [f"{e.upper()} AUC({h} mo)"]
-                + [_with_ci(by_split[s]["all"], f"{e}.td_auc.{h}",
-                            by_split[s]["all"][e].get("td_auc", {}).get(h)) for s in splits]
+                + [
+                    _with_ci(
+                        by_split[s]["all"],
+                        f"{e}.td_auc.{h}",
+                        by_split[s]["all"][e].get("td_auc", {}).get(h),
+                    )
+                    for s in splits
+                ]
             )
             rows.append(
                 [f"{e.upper()} Brier({h} mo)"]
@@ -199,28 +212,51 @@ def group_section(m: dict, title: str, figures: dict) -> str:
     at = hist.get("at_threshold", {})
     parts.append(
         _table(
-            ["histology", "n", "LUSC", "AUC", "AP", "ECE", "Brier", "threshold", "sens", "spec",
-             "PPV", "NPV"],
-            [[
-                "LUAD vs LUSC", str(hist["n"]), str(hist["positives"]),
-                _with_ci(m, "histology.auc", hist.get("auc")),
-                _with_ci(m, "histology.ap", hist.get("ap")), _fmt(hist.get("ece")),
-                _fmt(hist.get("brier")), _fmt(at.get("threshold")),
-                _fmt(at.get("sensitivity")), _fmt(at.get("specificity")), _fmt(at.get("ppv")),
-                _fmt(at.get("npv")),
-            ]],
+            [
+                "histology",
+                "n",
+                "LUSC",
+                "AUC",
+                "AP",
+                "ECE",
+                "Brier",
+                "threshold",
+                "sens",
+                "spec",
+                "PPV",
+                "NPV",
+            ],
+            [
+                [
+                    "LUAD vs LUSC",
+                    str(hist["n"]),
+                    str(hist["positives"]),
+                    _with_ci(m, "histology.auc", hist.get("auc")),
+                    _with_ci(m, "histology.ap", hist.get("ap")),
+                    _fmt(hist.get("ece")),
+                    _fmt(hist.get("brier")),
+                    _fmt(at.get("threshold")),
+                    _fmt(at.get("sensitivity")),
+                    _fmt(at.get("specificity")),
+                    _fmt(at.get("ppv")),
+                    _fmt(at.get("npv")),
+                ]
+            ],
         )
     )
     stage = m["stage"]
-    rows = [[name, str(v["n"]), _fmt(v["auc"]), _fmt(v["ap"])]
-            for name, v in stage["per_class"].items()]
+    rows = [
+        [name, str(v["n"]), _fmt(v["auc"]), _fmt(v["ap"])] for name, v in stage["per_class"].items()
+    ]
     rows.append(["macro", str(stage["n"]), _with_ci(m, "stage.macro_auc", stage["macro_auc"]), ""])
     parts.append(_table(["stage (one vs rest)", "n", "AUC", "AP"], rows))
     names = list(stage["per_class"])
     parts.append(
         "<p><small>stage confusion matrix (rows = truth, columns = predicted)</small></p>"
-        + _table(["", *names], [[n, *map(str, r)] for n, r in zip(names, stage["confusion"],
-                                                                    strict=True)])
+        + _table(
+            ["", *names],
+            [[n, *map(str, r)] for n, r in zip(names, stage["confusion"], strict=True)],
+        )
     )
     parts.append(survival_table(m))
     parts.append(hazard_table(m))
@@ -234,17 +270,35 @@ def survival_table(m: dict) -> str:
     for e in ENDPOINTS:
         b = m[e]
         rows.append(
-            [e.upper(), str(b["n"]), str(b["events"]),
-             _with_ci(m, f"{e}.harrell_c", b.get("harrell_c")),
-             _with_ci(m, f"{e}.uno_c", b.get("uno_c")),
-             *[_with_ci(m, f"{e}.td_auc.{h}", b.get("td_auc", {}).get(h)) for h in ("12", "24",
-                                                                                   "36")],
-             *[_fmt(b.get("brier", {}).get(h)) for h in ("12", "24", "36")],
-             _fmt(b.get("integrated_brier"))]
+            [
+                e.upper(),
+                str(b["n"]),
+                str(b["events"]),
+                _with_ci(m, f"{e}.harrell_c", b.get("harrell_c")),
+                _with_ci(m, f"{e}.uno_c", b.get("uno_c")),
+                *[
+                    _with_ci(m, f"{e}.td_auc.{h}", b.get("td_auc", {}).get(h))
+                    for h in ("12", "24", "36")
+                ],
+                *[_fmt(b.get("brier", {}).get(h)) for h in ("12", "24", "36")],
+                _fmt(b.get("integrated_brier")),
+            ]
         )
     return _table(
-        ["endpoint", "n", "events", "C Harrell", "C Uno", "AUC 12", "AUC 24", "AUC 36",
-         "Brier 12", "Brier 24", "Brier 36", "IBS"],
+        [
+            "endpoint",
+            "n",
+            "events",
+            "C Harrell",
+            "C Uno",
+            "AUC 12",
+            "AUC 24",
+            "AUC 36",
+            "Brier 12",
+            "Brier 24",
+            "Brier 36",
+            "IBS",
+        ],
         rows,
     )
 
@@ -255,9 +309,14 @@ def hazard_table(m: dict) -> str:
         groups = m[e].get("risk_groups", {})
         for name, hr in groups.get("hazard_ratios", {}).items():
             rows.append(
-                [e.upper(), f"{name} vs low", _fmt(hr["hr"], 2),
-                 f"{hr['ci_low']:.2f}–{hr['ci_high']:.2f}", _fmt(hr["p"], 3),
-                 _fmt(groups.get("logrank_p"), 3)]
+                [
+                    e.upper(),
+                    f"{name} vs low",
+                    _fmt(hr["hr"], 2),
+                    f"{hr['ci_low']:.2f}–{hr['ci_high']:.2f}",
+                    _fmt(hr["p"], 3),
+                    _fmt(groups.get("logrank_p"), 3),
+                ]
             )
     if not rows:
         return ""
@@ -313,14 +372,23 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
             m = by_split[split]["all"]
             figures = {
                 "classification": classification_figure(
-                    m["histology"], f"{label}: histology, {split}",
-                    figures_dir / f"{stem}-histology.png"),
-                **{e: km_figure(m[e], f"{label}: {e.upper()} risk groups, {split}",
-                                figures_dir / f"{stem}-km-{e}.png") for e in ENDPOINTS},
+                    m["histology"],
+                    f"{label}: histology, {split}",
+                    figures_dir / f"{stem}-histology.png",
+                ),
+                **{
+                    e: km_figure(
+                        m[e],
+                        f"{label}: {e.upper()} risk groups, {split}",
+                        figures_dir / f"{stem}-km-{e}.png",
+                    )
+                    for e in ENDPOINTS
+                },
             }
             if split == meta.get("overlay_split"):
                 figures["overlays"] = overlay_figure(
-                    overlays.get(label, []), figures_dir / f"{stem}-overlays.png")
+                    overlays.get(label, []), figures_dir / f"{stem}-overlays.png"
+                )
             body.append(group_section(m, f"{label} / {split}: all centers", figures))
             for center, cm in by_split[split]["centers"].items():
                 body.append(group_section(cm, f"{label} / {split}: {center}", {}))

@@ -226,15 +226,17 @@ class BreslowBaseline:
             torch.as_tensor(event),
             torch.as_tensor(time, dtype=torch.float64),
         )
-        # torchsurv hands back float32 times; keep the exact float64 ones (same unique set)
-        # so a horizon equal to an event time is not rounded past it.
-        times = np.unique(time)
-        assert len(times) == len(fitted["time"])
-        return cls(times, fitted["baseline_survival"].numpy().astype(np.float64))
+        # torchsurv works in float32: its unique times are float32 values (distinct months
+        # closer than float32 resolution merge). Lookups round the query the same way.
+        return cls(
+            fitted["time"].numpy().astype(np.float64),
+            fitted["baseline_survival"].numpy().astype(np.float64),
+        )
 
     def baseline(self, t) -> np.ndarray:
         """S0 at t (right-continuous step; 1 before the first time, last value after)."""
-        idx = np.searchsorted(self.times, np.asarray(t, dtype=np.float64), side="right") - 1
+        t = np.asarray(t, dtype=np.float32).astype(np.float64)  # as torchsurv saw the times
+        idx = np.searchsorted(self.times, t, side="right") - 1
         return np.where(idx < 0, 1.0, self.survival[np.clip(idx, 0, None)])
 
     def survival_at(self, risk, horizons) -> np.ndarray:
@@ -292,8 +294,12 @@ def kaplan_meier_groups(time, event, groups, at_times) -> dict:
             "survival": sf.to_numpy().tolist(),
             "at_risk": [int(np.sum(time[sel] >= t)) for t in at_times],
         }
-    out = {"curves": curves, "at_risk_times": list(at_times), "logrank_p": float("nan"),
-           "hazard_ratios": {}}
+    out = {
+        "curves": curves,
+        "at_risk_times": list(at_times),
+        "logrank_p": float("nan"),
+        "hazard_ratios": {},
+    }
     present = np.unique(groups)
     if len(present) < 2 or not event.any():
         return out

@@ -440,8 +440,9 @@ def guard_run_identity(cfg: Config) -> dict:
     return identity
 
 
-def build_trainer(cfg: Config):
-    """The TorchTrainer for a config (also what a Tune trial builds)."""
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for a config (also what a Tune trial builds, with Tune's report
+    callback in `callbacks`)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -458,6 +459,7 @@ def build_trainer(cfg: Config):
         run_config=RayRunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep or None,

@@ -1,0 +1,146 @@
+"""Ray Tune sweeps over Ray Train runs on the shared local Ray (2 CPUs, 1 worker per trial):
+ASHA on, results table, best config accepted by a training run, a failing trial reported
+without stopping the sweep, no placement group left behind, resume of a finished sweep."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import train_config
+
+from mmdls_dist.config import load_config
+from mmdls_dist.train import fit
+from mmdls_dist.tune import Sweep, load_sweep, run_sweep
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def base(shard_dir, storage):
+    return train_config(
+        shard_dir, storage, "unused", "run.num_workers=1", "optim.epochs=2", "run.max_failures=0"
+    )
+
+
+def write_sweep(path, **fields):
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep_result(ray_session, shard_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    cfg = base(shard_dir, storage)
+    spec = write_sweep(
+        storage / "sweep.yaml",
+        num_samples=1,
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        space={
+            "loss.w_os": {"type": "grid", "values": [0.5, 2.0]},
+            # The second grid point fails at its first optimizer step (Train gives up:
+            # run.max_failures=0): the sweep must report it and go on.
+            "chaos.fail_at_step": {"type": "grid", "values": [-1, 1]},
+        },
+    )
+    sweep = load_sweep(spec, cfg)
+    return cfg, sweep, run_sweep(cfg, sweep, "s1")
+
+
+def test_sweep_writes_table_and_reports_the_failing_trial(sweep_result):
+    cfg, _, summary = sweep_result
+    table = pd.read_csv(f"{summary['root']}/results.csv")
+    assert len(table) == 4 == summary["trials"]
+    failed = table[table["config/chaos.fail_at_step"] == 1]
+    assert (failed.status == "error").all() and failed.error.str.contains("chaos").all()
+    ok = table[table["config/chaos.fail_at_step"] == -1]
+    assert (ok.status == "ok").all() and ok["best val/composite"].between(0, 1).all()
+    assert set(ok["config/loss.w_os"]) == {0.5, 2.0}
+    # Each trial's Train run is named after the trial, with TensorBoard logs of its own.
+    runs = sorted(p.name for p in (cfg_storage(cfg) / "s1" / "train-runs").iterdir())
+    assert len(runs) == 4
+    assert list((cfg_storage(cfg) / "s1" / "train-runs").glob("*/tensorboard/events.*"))
+
+
+def cfg_storage(cfg):
+    from pathlib import Path
+
+    return Path(cfg.run.storage_path)
+
+
+def test_best_config_is_accepted_by_a_training_run(sweep_result):
+    cfg, _, summary = sweep_result
+    best = load_config(summary["best"])  # what `jobs/train.py --config best.yaml` does
+    assert best.chaos.fail_at_step == -1 and best.loss.w_os in (0.5, 2.0)
+    result = fit(load_config(summary["best"], ["optim.epochs=1", "run.name=from-best"]))
+    assert result.error is None and result.metrics["epoch"] == 0
+
+
+def live_placement_groups() -> list:
+    from ray.util import placement_group_table
+
+    return [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def test_no_placement_group_is_left_behind(sweep_result):
+    assert no_placement_group_within(30), live_placement_groups()
+
+
+def test_trials_stopped_by_asha_release_their_workers(ray_session, shard_dir, tmp_path):
+    """ASHA stops every trial after its first epoch (max_t=1) in the middle of a 2-epoch
+    Train run. One trial fits on the 2 CPUs at a time, so if a stopped trial left its
+    workers' placement group behind, the next trial could never start (the time budget
+    turns that hang into a failure)."""
+    cfg = base(shard_dir, tmp_path)
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path / "asha.yaml",
+            num_samples=1,
+            max_t=1,
+            grace_period=1,
+            time_budget_s=240,
+            space={"loss.w_os": {"type": "grid", "values": [0.5, 1.0, 2.0]}},
+        ),
+        cfg,
+    )
+    summary = run_sweep(cfg, sweep, "asha")
+    table = summary["table"]
+    assert len(table) == 3 and (table.status == "ok").all()
+    assert (table.epochs == 1).all()  # stopped by ASHA, not run to optim.epochs=2
+    assert no_placement_group_within(30)
+
+
+def no_placement_group_within(seconds: float) -> bool:
+    """Ray Train's cleaner removes a stopped run's placement group asynchronously (about a
+    second here); a leak would stay."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while live_placement_groups():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def test_restarting_a_finished_sweep_resumes_instead_of_rerunning(sweep_result):
+    cfg, sweep, first = sweep_result
+    runs = cfg_storage(cfg) / "s1" / "train-runs"
+    before = sorted(runs.iterdir())
+    again = run_sweep(cfg, sweep, "s1")
+    assert again["trials"] == first["trials"]
+    assert again["table"]["trial"].tolist() == first["table"]["trial"].tolist()
+    assert again["table"]["status"].tolist() == first["table"]["status"].tolist()
+    assert sorted(runs.iterdir()) == before  # no trial was run again
+
+
+def test_sweep_file_errors_name_the_field(shard_dir, tmp_path):
+    cfg = base(shard_dir, tmp_path)
+    bad = write_sweep(
+        tmp_path / "bad.yaml", space={"optim.lrr": {"type": "uniform", "low": 0, "high": 1}}
+    )
+    with pytest.raises(ValueError, match="optim.lrr"):
+        load_sweep(bad, cfg)
+    with pytest.raises(ValueError, match="type in"):
+        Sweep(space={"optim.lr": {"type": "normal"}})
