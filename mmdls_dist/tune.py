@@ -127,31 +127,38 @@ def search_space(sweep: Sweep) -> dict[str, Any]:
 
 def concurrent_trials(cfg: Config, resources: dict[str, float], sweep: Sweep) -> int:
     """How many trials fit at once: the limiting resource (GPUs when the runs use GPUs,
-    else CPUs) divided by what one trial needs (its Train workers, plus its driver's CPU).
-    Trials beyond that would only hold a driver while their Train run waits. At least 1."""
+    else CPUs) divided by what one Train run needs (its driver's sliver is carved out of
+    the workers' CPUs, see trial_config). Trials beyond that would only hold a driver while
+    their Train run waits. At least 1."""
     if sweep.max_concurrent_trials > 0:
         return sweep.max_concurrent_trials
     if cfg.run.use_gpu:
         have, need = resources.get("GPU", 0.0), cfg.run.num_workers * 1.0
     else:
-        have = resources.get("CPU", 0.0)
-        need = cfg.run.num_workers * cfg.run.cpus_per_worker + sweep.driver_cpus
+        have, need = resources.get("CPU", 0.0), cfg.run.num_workers * cfg.run.cpus_per_worker
     return max(1, int(math.floor(have / need + 1e-9)))
 
 
-def trial_config(base: dict, sample: dict, sweep_name: str, trial_name: str) -> Config:
+def trial_config(
+    base: dict, sample: dict, sweep_name: str, trial_name: str, driver_cpus: float = 0.0
+) -> Config:
     """The trial's full config: base + sampled values; the Train run is named after the
-    trial and stored under the sweep (so a restored sweep resumes its unfinished runs)."""
+    trial and stored under the sweep (so a restored sweep resumes its unfinished runs).
+    Its workers give up the trial driver's CPU sliver between them, so a trial needs
+    exactly what a plain Train run needs (else 2 workers on a 2-CPU machine plus the
+    driver would never be scheduled)."""
     cfg = with_values(from_dict(Config, base), sample)
+    per_worker = cfg.run.cpus_per_worker - driver_cpus / cfg.run.num_workers
     run = dataclasses.replace(
         cfg.run,
         name=trial_name,
         storage_path=join_url(join_url(cfg.run.storage_path, sweep_name), "train-runs"),
+        cpus_per_worker=max(per_worker, 0.01),
     )
     return dataclasses.replace(cfg, run=run)
 
 
-def make_trainable(base: dict, sweep_name: str):
+def make_trainable(base: dict, sweep_name: str, driver_cpus: float):
     """The Tune function trainable: build this trial's TorchTrainer and fit it."""
 
     def train_trial(sample: dict) -> None:
@@ -161,7 +168,7 @@ def make_trainable(base: dict, sweep_name: str):
         from mmdls_dist.train import build_trainer, guard_run_identity
 
         trial = ray.tune.get_context().get_trial_name()
-        cfg = trial_config(base, sample, sweep_name, trial)
+        cfg = trial_config(base, sample, sweep_name, trial, driver_cpus)
         guard_run_identity(cfg)
         build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
@@ -173,7 +180,9 @@ def build_tuner(base: Config, sweep: Sweep, name: str, *, resources: dict[str, f
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = tune.with_resources(make_trainable(to_dict(base), name), {"CPU": sweep.driver_cpus})
+    trainable = tune.with_resources(
+        make_trainable(to_dict(base), name, sweep.driver_cpus), {"CPU": sweep.driver_cpus}
+    )
     path = join_url(base.run.storage_path, name)
     if tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s", path)

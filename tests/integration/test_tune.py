@@ -11,7 +11,7 @@ from helpers import train_config
 
 from mmdls_dist.config import load_config
 from mmdls_dist.train import fit
-from mmdls_dist.tune import Sweep, load_sweep, run_sweep
+from mmdls_dist.tune import load_sweep, run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -133,14 +133,3 @@ def test_restarting_a_finished_sweep_resumes_instead_of_rerunning(sweep_result):
     assert again["table"]["trial"].tolist() == first["table"]["trial"].tolist()
     assert again["table"]["status"].tolist() == first["table"]["status"].tolist()
     assert sorted(runs.iterdir()) == before  # no trial was run again
-
-
-def test_sweep_file_errors_name_the_field(shard_dir, tmp_path):
-    cfg = base(shard_dir, tmp_path)
-    bad = write_sweep(
-        tmp_path / "bad.yaml", space={"optim.lrr": {"type": "uniform", "low": 0, "high": 1}}
-    )
-    with pytest.raises(ValueError, match="optim.lrr"):
-        load_sweep(bad, cfg)
-    with pytest.raises(ValueError, match="type in"):
-        Sweep(space={"optim.lr": {"type": "normal"}})

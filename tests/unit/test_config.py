@@ -91,3 +91,18 @@ def test_data_config_validation():
         DataConfig(batch_size=0)
     with pytest.raises(ValueError, match="data.verify must be one of"):
         DataConfig(verify="maybe")
+
+
+def test_with_values_sets_dotted_fields_and_revalidates():
+    from mmdls_dist.config import with_values
+
+    cfg = load_config("debug")
+    out = with_values(cfg, {"optim.lr": 1e-4, "model.widths": (4, 8, 8, 16)})
+    assert out.optim.lr == 1e-4 and out.model.widths == (4, 8, 8, 16)
+    assert out.data == cfg.data
+    with pytest.raises(ValueError, match="optim.lrr"):
+        with_values(cfg, {"optim.lrr": 1.0})
+    with pytest.raises(ValueError, match="optimizer"):
+        with_values(cfg, {"optimizer.lr": 1.0})
+    with pytest.raises(TypeError, match="optim.epochs"):
+        with_values(cfg, {"optim.epochs": "many"})

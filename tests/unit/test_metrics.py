@@ -99,3 +99,12 @@ def test_summarize_gathers_all_metrics():
     assert out["val/cindex_dfs"] == 1.0 and out["val/cindex_os"] == 1.0
     assert out["val/dice_lesion"] == pytest.approx(0.5) and out["val/dice_lung"] == 0.9
     assert 0.0 <= out["val/auc_stage"] <= 1.0
+
+
+def test_composite_is_the_mean_of_the_defined_task_metrics():
+    from mmdls_dist.metrics import composite
+
+    m = {"auc_histology": 0.9, "auc_stage": 0.7, "cindex_dfs": 0.6, "cindex_os": 0.8}
+    assert composite(m) == pytest.approx(0.75)
+    assert composite(m | {"cindex_dfs": float("nan")}) == pytest.approx(0.8)
+    assert np.isnan(composite({}))

@@ -1,0 +1,139 @@
+"""cluster/: launcher YAMLs validate with Ray's own schema after Ray's config preparation,
+KubeRay manifests request GPUs, and nothing opens Ray to the world or holds credentials."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+KUBERAY = sorted(CLUSTER.glob("kuberay*.yaml"))
+LAUNCHER = sorted(set(CLUSTER.glob("*.yaml")) - set(KUBERAY))
+
+
+def test_there_are_aws_gcp_and_kuberay_files():
+    providers = {yaml.safe_load(p.read_text())["provider"]["type"] for p in LAUNCHER}
+    assert providers == {"aws", "gcp"} and KUBERAY
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_config_validates_against_rays_schema(path):
+    config = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    # The same check rejects a broken file (so the test above can fail).
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["head"]["node_confg"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_config_is_secure_and_pinned(path):
+    config = yaml.safe_load(path.read_text())
+    major_minor = ".".join(ray.__version__.split(".")[:2])
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{major_minor}.")
+    head = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    types = config["available_node_types"]
+    assert any(_is_spot(t["node_config"]) for t in types.values())  # spot option
+    assert any(
+        t["node_config"]
+        .get("InstanceType", t["node_config"].get("machineType", ""))
+        .startswith(("g", "p", "a"))
+        for name, t in types.items()
+        if name != config["head_node_type"]
+    )
+
+
+def _is_spot(node: dict) -> bool:
+    market = node.get("InstanceMarketOptions", {}).get("MarketType")
+    return market == "spot" or node.get("scheduling", {}).get("provisioningModel") == "SPOT"
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifest_parses_and_requests_gpus(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    jobs = [d for d in docs if d["kind"] in ("RayJob", "RayCluster")]
+    assert jobs
+    for doc in jobs:
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"].startswith(".".join(ray.__version__.split(".")[:2]))
+        assert spec["authOptions"]["mode"] == "token"
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+        gpus = [
+            int(c["resources"]["limits"]["nvidia.com/gpu"])
+            for group in spec["workerGroupSpecs"]
+            for c in group["template"]["spec"]["containers"]
+        ]
+        assert gpus and min(gpus) >= 1
+    if any(d["kind"] == "RayJob" for d in docs):
+        entry = next(d for d in docs if d["kind"] == "RayJob")["spec"]["entrypoint"]
+        assert "jobs/train.py" in entry
+
+
+# --- lint: nothing opens Ray to the world, no credentials in files ----------------------
+
+FORBIDDEN = {
+    "dashboard bound to all interfaces": re.compile(
+        r"dashboard[-_]host[\"']?\s*[=:]\s*[\"']?0\.0\.0\.0"
+    ),
+    "ingress from anywhere": re.compile(r"0\.0\.0\.0/0|::/0"),
+    "service exposed outside the cluster": re.compile(
+        r"(serviceType|type)\s*:\s*[\"']?(LoadBalancer|NodePort)"
+    ),
+    "host network": re.compile(r"hostNetwork\s*:\s*true"),
+    "AWS access key": re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "account id": re.compile(r"(?<![\d.])\d{12}(?![\d.])"),
+}
+SCANNED = {".yaml", ".yml", ".sh", ".py", ".toml", ".json", ".cfg", ".ini", ""}
+
+
+def violations(path: Path) -> list[str]:
+    text = path.read_text(errors="replace")
+    return [f"{path.name}: {what}" for what, rx in FORBIDDEN.items() if rx.search(text)]
+
+
+def scanned_files() -> list[Path]:
+    skip = {".git", ".venv", "tests", "mmdls-work", "bench-out", "__pycache__"}
+    out = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        wanted = path.suffix in SCANNED or path.name == "Dockerfile"
+        hidden = set(rel.parts) & skip or rel.parts[0].endswith(".egg-info")
+        if path.is_file() and wanted and not hidden:
+            out.append(path)
+    return out
+
+
+def test_no_file_opens_ray_to_the_world_or_holds_credentials():
+    files = scanned_files()
+    assert any(p.parent == CLUSTER for p in files)
+    found = [v for p in files for v in violations(p)]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "ray start --head --dashboard-host=0.0.0.0",
+        "rayStartParams: {dashboard-host: '0.0.0.0'}",
+        "IpRanges: [{CidrIp: 0.0.0.0/0}]",
+        "serviceType: LoadBalancer",
+        "aws_secret_access_key = abc",
+    ],
+)
+def test_the_lint_catches_what_it_should(tmp_path, line):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(line + "\n")
+    assert violations(bad)
