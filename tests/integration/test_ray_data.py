@@ -32,7 +32,7 @@ def test_ray_sharding_equals_serial(ray_session, synth_cohort, synth_report, tmp
 
 def test_main_job_runs_on_the_embedded_default(ray_session, tmp_path, capsys, caplog):
     """`mmdls train` with no data: synthetic cohort -> shards -> Ray Train -> summary."""
-    from test_train import TINY
+    from helpers import TINY_TRAIN
 
     work = tmp_path / "work"
     args = [
@@ -50,7 +50,7 @@ def test_main_job_runs_on_the_embedded_default(ray_session, tmp_path, capsys, ca
         "--set",
         f"run.storage_path={tmp_path / 'runs'}",
     ]
-    for item in TINY:
+    for item in TINY_TRAIN:
         args += ["--set", item]
     assert main(args) == 0
     out = capsys.readouterr().out
