@@ -195,27 +195,40 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """The main job: data (given, or a synthetic cohort) -> shards -> Ray Train DDP run."""
+def _run_config(args: argparse.Namespace):
+    """--config / --set -> Config, local storage made absolute (Ray wants that)."""
     import dataclasses
 
-    from mmdls_dist import parallel
-    from mmdls_dist.config import dump_yaml, load_config
-    from mmdls_dist.prep import resolve_data
-    from mmdls_dist.train import fit
+    from mmdls_dist.config import load_config
 
     cfg = load_config(args.config, args.set)
-    if "://" not in cfg.run.storage_path:  # Ray wants an absolute local path
+    if "://" not in cfg.run.storage_path:
         storage = str(Path(cfg.run.storage_path).resolve())
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage))
+    return cfg
+
+
+def _with_data(cfg, args: argparse.Namespace):
+    """Start / join Ray, then the data: given, or the synthetic cohort. -> (cfg, truth, raw)"""
+    from mmdls_dist import parallel
+    from mmdls_dist.prep import resolve_data
+
     parallel.init_ray(args.ray_address)
-    cfg, truth, raw = resolve_data(
+    return resolve_data(
         cfg,
         raw=args.data,
         shards=args.shards,
         workdir=Path(args.workdir),
         mapper=lambda desc: _mapper("ray", desc),
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The main job: data (given, or a synthetic cohort) -> shards -> Ray Train DDP run."""
+    from mmdls_dist.config import dump_yaml
+    from mmdls_dist.train import fit
+
+    cfg, truth, raw = _with_data(_run_config(args), args)
     log.info("resolved config:\n%s", dump_yaml(cfg))
     result = fit(cfg)
     if result.error:
@@ -255,26 +268,11 @@ def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune sweep over whole Ray Train runs; results.csv + best.yaml."""
-    import dataclasses
-
-    from mmdls_dist import parallel
-    from mmdls_dist.config import load_config
-    from mmdls_dist.prep import resolve_data
     from mmdls_dist.tune import load_sweep, run_sweep, sweep_path
 
-    cfg = load_config(args.config, args.set)
-    if "://" not in cfg.run.storage_path:
-        storage = str(Path(cfg.run.storage_path).resolve())
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage))
-    sweep = load_sweep(sweep_path(args.sweep), cfg)
-    parallel.init_ray(args.ray_address)
-    cfg, _, _ = resolve_data(
-        cfg,
-        raw=args.data,
-        shards=args.shards,
-        workdir=Path(args.workdir),
-        mapper=lambda desc: _mapper("ray", desc),
-    )
+    cfg = _run_config(args)
+    sweep = load_sweep(sweep_path(args.sweep), cfg)  # a bad sweep file fails before Ray
+    cfg, _, _ = _with_data(cfg, args)
     summary = run_sweep(cfg, sweep, args.name)
     table = summary["table"]
     shown = [
@@ -390,6 +388,31 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="patients per forward pass")
     p.add_argument("--gpu", action="store_true", help="one GPU per inference task")
     _add_executor(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Config, data and cluster options shared by train and tune."""
+    p.add_argument(
+        "--config",
+        default="debug",
+        help="preset (debug, default, paper) or a YAML file (default: debug)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, repeatable (e.g. --set optim.lr=3e-4)",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="raw DATA_ROOT to import and shard (prep block options)")
+    src.add_argument("--shards", help="existing shard folder / prefix (overrides data.shards)")
+    p.add_argument(
+        "--workdir",
+        default="mmdls-work",
+        help="where generated data and shards go (default: ./mmdls-work)",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -508,27 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trains on it: the embedded default. Under `ray job submit` it joins that cluster; "
         "otherwise it starts a local Ray. Starting the same run.name again resumes it.",
     )
-    p.add_argument(
-        "--config",
-        default="debug",
-        help="preset (debug, default, paper) or a YAML file (default: debug)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, repeatable (e.g. --set optim.lr=3e-4)",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="raw DATA_ROOT to import and shard (prep block options)")
-    src.add_argument("--shards", help="existing shard folder / prefix (overrides data.shards)")
-    p.add_argument(
-        "--workdir",
-        default="mmdls-work",
-        help="where generated data and shards go (default: ./mmdls-work)",
-    )
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
+    _add_run_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(
@@ -546,19 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep preset (debug, default) or YAML file with the search space",
     )
     p.add_argument("--name", default="sweep", help="sweep name (default: sweep)")
-    p.add_argument("--config", default="debug", help="base config preset or YAML file")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a base config field, repeatable",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="raw DATA_ROOT to import and shard")
-    src.add_argument("--shards", help="existing shard folder / prefix")
-    p.add_argument("--workdir", default="mmdls-work", help="generated data and shards")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: auto)")
+    _add_run_args(p)
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser(
