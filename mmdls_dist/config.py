@@ -153,6 +153,9 @@ class ModelConfig:
     # the lesion view; 0 = off
     lesion_patch_extent: float = 0.25  # patch side as a fraction of the slice, (0, 1]
     patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
+    lesion_refine: bool = False  # full-resolution edge refinement of the lesion mask
+    lesion_descriptors: bool = False  # add measured lesion shape / texture descriptors
+    # (model/descriptors.py) of the predicted lesion mask to the imaging embedding
     tabular_dropout: float = 0.0  # training-time chance to blank a patient's tabular token
     # (per modality), so the imaging path must carry the tasks too; [0, 1)
     survival_sees_classification: bool = True  # survival heads get soft histology/stage

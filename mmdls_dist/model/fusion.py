@@ -71,10 +71,12 @@ class PatientFusion(nn.Module):
         heads: int,
         dropout: float,
         tabular_dropout: float = 0.0,
+        keep_always: tuple[str, ...] = (),
     ):
         super().__init__()
         self.variant = variant
         self.tabular_dropout = tabular_dropout
+        self.keep_always = keep_always  # tokens tabular dropout never blanks (imaging ones)
         self.tabular = nn.ModuleDict(
             {
                 name: nn.Sequential(
@@ -104,7 +106,7 @@ class PatientFusion(nn.Module):
         for name, net in self.tabular.items():
             values, missing = tabular[name]
             token = net(torch.cat([values, missing.to(values.dtype)], dim=1))
-            if self.training and self.tabular_dropout > 0:
+            if self.training and self.tabular_dropout > 0 and name not in self.keep_always:
                 keep = torch.rand(token.shape[0], 1, device=token.device) >= self.tabular_dropout
                 token = token * keep.to(token.dtype)
             tokens.append(token)

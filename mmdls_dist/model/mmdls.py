@@ -14,9 +14,10 @@ from torch import nn
 
 from mmdls_dist.config import ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
+from mmdls_dist.model.descriptors import N_DESCRIPTORS, LesionDescriptors
 from mmdls_dist.model.encoders import LesionPatchEncoder, MaskPoolEncoder, PixelEncoder
 from mmdls_dist.model.fusion import PatientFusion, SliceFusion, TaskHeads
-from mmdls_dist.model.segmentor import Segmentor
+from mmdls_dist.model.segmentor import EdgeRefiner, Segmentor
 
 PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
 CT_MEAN, CT_STD = 0.5, 0.25  # of ct / 255; a fixed affine map, so no data statistics needed
@@ -39,6 +40,9 @@ def _scatter(values: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> to
     """values [N,...] for the True entries of valid [B,S] -> [B,S,...] (fill elsewhere)."""
     out = values.new_full((*valid.shape, *values.shape[1:]), fill)
     return out.index_put((valid,), values)
+
+
+DESCRIPTOR_TOKEN = "lesion"  # the measured lesion descriptors' token in the patient fusion
 
 
 class MMDLS(nn.Module):
@@ -70,6 +74,10 @@ class MMDLS(nn.Module):
                 )
             self.slice_token = nn.Linear((3 if cfg.lesion_patch else 2) * e, e)
             self.slice_fusion = SliceFusion(e, cfg.fusion_heads, cfg.fusion_layers, cfg.dropout)
+            if cfg.lesion_descriptors:
+                self.descriptors = LesionDescriptors()
+            if cfg.lesion_refine:
+                self.lesion_refiner = EdgeRefiner()
         tabular = {}
         if cfg.use_clinical:
             tabular["clinical"] = len(CLINICAL_FEATURES)
@@ -77,6 +85,8 @@ class MMDLS(nn.Module):
             tabular["pet"] = len(PET_FEATURES)
         if cfg.use_radiomics:
             tabular["radiomics"] = N_RADIOMICS
+        if cfg.use_imaging and cfg.lesion_descriptors:
+            tabular[DESCRIPTOR_TOKEN] = N_DESCRIPTORS
         self.patient_fusion = PatientFusion(
             e,
             tabular,
@@ -86,6 +96,7 @@ class MMDLS(nn.Module):
             cfg.fusion_heads,
             cfg.dropout,
             cfg.tabular_dropout,
+            keep_always=(DESCRIPTOR_TOKEN,),
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 
@@ -131,9 +142,23 @@ class MMDLS(nn.Module):
         full = batch.ct.shape[-2:]
         logits = {}
         for name, small in (("lung_logits", seg.lung_logits), ("lesion_logits", seg.lesion_logits)):
-            up = F.interpolate(small, size=full, mode="bilinear", align_corners=False)[:, 0]
-            logits[name] = _scatter(up, valid, PAD_LOGIT)
-        return {"imaging": imaging, "slice_weights": weights, **logits}
+            up = F.interpolate(small, size=full, mode="bilinear", align_corners=False)
+            if name == "lesion_logits" and self.cfg.lesion_refine:
+                up = self.lesion_refiner(x, up)
+            logits[name] = _scatter(up[:, 0], valid, PAD_LOGIT)
+        out = {"imaging": imaging, "slice_weights": weights, **logits}
+        if self.cfg.lesion_descriptors:
+            out[DESCRIPTOR_TOKEN] = self._descriptors(batch, logits["lesion_logits"], gt_weight)
+        return out
+
+    def _descriptors(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):
+        """Descriptors of the full-resolution lesion mask the encoders see: prediction,
+        blended with ground truth (annotated patients) during the warm-up."""
+        prob = torch.sigmoid(lesion_logits.float())
+        if gt_weight > 0:
+            w = gt_weight * batch.lesion_annotated.float()[:, None, None, None]
+            prob = w * batch.lesion_mask.float() + (1 - w) * prob
+        return self.descriptors(batch.ct.float() / 255.0, prob, batch.slice_mask)
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
         """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground
@@ -147,6 +172,8 @@ class MMDLS(nn.Module):
             "pet": (batch.pet, batch.pet_missing),
             "radiomics": (batch.radiomics, batch.radiomics_missing),
         }
+        if DESCRIPTOR_TOKEN in imaging:
+            tabular[DESCRIPTOR_TOKEN] = imaging[DESCRIPTOR_TOKEN]
         h = self.patient_fusion(imaging.get("imaging"), tabular)
         return ModelOutput(
             **self.heads(h),

@@ -156,3 +156,31 @@ class Segmentor(nn.Module):
         lung_f, lung_logits = self.lung_decoder(features, lung_top)
         lesion_f, lesion_logits = self.lesion_decoder(features, lesion_top)
         return SegmentorOutput(features, lung_f, lesion_f, lung_logits, lesion_logits)
+
+
+class EdgeRefiner(nn.Module):
+    """Full-resolution correction of an upsampled 1/4-resolution mask logit.
+
+    The decoders predict at 1/4 of the input resolution, where a lesion's spiculated margin
+    (a few pixels of lobes) cannot be drawn; bilinear upsampling then gives a smooth blob.
+    Three small convolutions over (CT, upsampled logit) at full resolution add the residual
+    detail, supervised by the same Dice + BCE loss at full resolution.
+    """
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, 1, 1),
+        )
+        # Starts (almost) as the identity, i.e. plain upsampling; not exactly zero, so the
+        # earlier layers get a gradient from the first step.
+        nn.init.normal_(self.net[-1].weight, std=1e-3)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor, coarse_logit: torch.Tensor) -> torch.Tensor:
+        """x [N,1,H,W] normalised CT, coarse_logit [N,1,H,W] upsampled -> [N,1,H,W]."""
+        return coarse_logit + self.net(torch.cat([x, coarse_logit], dim=1))

@@ -133,3 +133,93 @@ def test_restarting_a_finished_sweep_resumes_instead_of_rerunning(sweep_result):
     assert again["table"]["trial"].tolist() == first["table"]["trial"].tolist()
     assert again["table"]["status"].tolist() == first["table"]["status"].tolist()
     assert sorted(runs.iterdir()) == before  # no trial was run again
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, tmp_path):
+    """The sweep's driver is killed (SIGKILL) after its first trial has finished; running
+    the same sweep name again restores it: the finished trial is not run again, the others
+    complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = base(shard_dir, tmp_path)
+    spec = write_sweep(
+        tmp_path / "two.yaml",
+        num_samples=1,
+        scheduler="fifo",
+        max_concurrent_trials=1,
+        space={"loss.w_os": {"type": "grid", "values": [0.5, 2.0]}},
+    )
+    overrides = [
+        "--set=" + s
+        for s in (
+            "data.num_workers=0",
+            "data.max_slices=5",
+            "data.batch_size=3",
+            "model.widths=[4,8,8,16]",
+            "model.decoder_width=8",
+            "model.cross_attention_heads=2",
+            "model.embed_dim=16",
+            "model.fusion_heads=2",
+            "model.tabular_hidden=16",
+            "run.num_workers=1",
+            "optim.epochs=2",
+            "run.max_failures=0",
+            f"run.storage_path={tmp_path}",
+        )
+    ]
+    # The driver joins the shared local Ray, as `ray job submit` would join a cluster.
+    env = dict(
+        os.environ,
+        RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+        RAY_AUTH_MODE="token",
+    )
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmdls_dist.cli",
+            "tune",
+            "--sweep",
+            str(spec),
+            "--name",
+            "cut",
+            "--shards",
+            str(shard_dir),
+            *overrides,
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    root = tmp_path / "cut"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not finished_trials(root):
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_before = finished_trials(root)
+    assert len(done_before) == 1
+
+    sweep = load_sweep(spec, cfg)
+    summary = run_sweep(cfg, sweep, "cut")
+    table = summary["table"]
+    assert len(table) == 2 and (table.status == "ok").all() and (table.epochs == 2).all()
+    # The trial finished before the interruption kept its single run of 2 epochs.
+    progress = pd.read_csv(root / done_before[0] / "progress.csv")
+    assert len(progress) == 2
+
+
+def finished_trials(root) -> list[str]:
+    """Trial folders whose progress.csv holds both epochs."""
+    out = []
+    for trial in sorted(root.glob("train_trial_*")) if root.exists() else []:
+        progress = trial / "progress.csv"
+        if progress.exists() and len(progress.read_text().strip().splitlines()) >= 3:
+            out.append(trial.name)
+    return out

@@ -62,6 +62,7 @@ def test_output_shapes(batch, encoder_input):
         {"patient_fusion": "concat", "survival_sees_classification": False},
         {"fusion_layers": 2, "blocks_per_stage": 2},
         {"lesion_patch": 8},
+        {"lesion_descriptors": True, "lesion_refine": True},
     ],
 )
 def test_gradient_reaches_every_parameter(batch, overrides):
@@ -81,7 +82,13 @@ def test_gradient_reaches_every_parameter(batch, overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"encoder_input": "features"}, {"encoder_input": "pixels"}, {"lesion_patch": 8}]
+    "overrides",
+    [
+        {"encoder_input": "features"},
+        {"encoder_input": "pixels"},
+        {"lesion_patch": 8},
+        {"lesion_descriptors": True, "lesion_refine": True},
+    ],
 )
 def test_padding_slices_changes_nothing(batch, overrides):
     model = _model(**overrides).eval()
@@ -97,8 +104,9 @@ def test_padding_slices_changes_nothing(batch, overrides):
 
 
 def test_ct_only_inference(batch):
-    """New patients come without masks: zeroed masks change nothing at gt_mask_weight=0."""
-    model = _model().eval()
+    """New patients come without masks: zeroed masks change nothing at gt_mask_weight=0
+    (the lesion descriptors too are measured on the predicted mask then)."""
+    model = _model(lesion_descriptors=True).eval()
     ct_only = dataclasses.replace(
         batch,
         masks=torch.zeros_like(batch.masks),
