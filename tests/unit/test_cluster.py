@@ -105,15 +105,29 @@ def violations(path: Path) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    skip = {".git", ".venv", "tests", "mmdls-work", "bench-out", "__pycache__"}
-    out = []
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT)
-        wanted = path.suffix in SCANNED or path.name == "Dockerfile"
-        hidden = set(rel.parts) & skip or rel.parts[0].endswith(".egg-info")
-        if path.is_file() and wanted and not hidden:
-            out.append(path)
-    return out
+    """The repository's own files (tracked, or new and not ignored; caches, environments
+    and results are not the project's), minus the tests, which spell out what they look
+    for."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode == 0:
+        paths = [ROOT / line for line in listed.stdout.splitlines()]
+    else:  # not a git checkout (an unpacked release): everything but the usual caches
+        skip = {".git", ".venv", "mmdls-work", "bench-out", "__pycache__", ".pytest_cache"}
+        paths = [p for p in ROOT.rglob("*") if not set(p.relative_to(ROOT).parts) & skip]
+    return [
+        p
+        for p in paths
+        if p.is_file()
+        and p.relative_to(ROOT).parts[0] != "tests"
+        and (p.suffix in SCANNED or p.name == "Dockerfile")
+    ]
 
 
 def test_no_file_opens_ray_to_the_world_or_holds_credentials():
