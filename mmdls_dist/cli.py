@@ -264,6 +264,7 @@ def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
         print(f"  {key:<20}{value:8.3f}{ref}")
     print(f"checkpoints : {run_url(cfg)}  (best: {BEST})")
     print(f"tensorboard : tensorboard --logdir {tensorboard_dir(cfg, local_run_dir(cfg))}")
+    print(f"report      : python jobs/evaluate.py {run_url(cfg)}   (metrics.json + report.html)")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
