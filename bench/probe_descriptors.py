@@ -1,0 +1,80 @@
+"""Probe: how well a trained model's predicted lesion masks carry the synthetic margin and
+texture, against the same measurements on ground-truth masks (validation split).
+
+    python bench/probe_descriptors.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON
+
+Prints Spearman correlations of the lesion descriptors (model/descriptors.py: boundary
+irregularity, interior texture) with the generator's true margin and texture. Used for
+issue #4's diagnosis (README, training benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmdls_dist.data.loader import make_loader  # noqa: E402
+from mmdls_dist.data.shards import load_manifest  # noqa: E402
+from mmdls_dist.inference import (  # noqa: E402
+    checkpoint_identity,
+    load_model,
+    resolve_checkpoint,
+    training_normalization,
+)
+from mmdls_dist.model.descriptors import measure  # noqa: E402
+
+TEXTURE, IRREGULARITY = 2, 3  # columns of measure()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("shards")
+    parser.add_argument("truth")
+    parser.add_argument("--split", default="val")
+    args = parser.parse_args()
+    ckpt = resolve_checkpoint(args.checkpoint)
+    truth = json.loads(Path(args.truth).read_text())["patients"]
+    loaded = load_model(ckpt)
+    manifest = dict(
+        load_manifest(args.shards), normalization=training_normalization(checkpoint_identity(ckpt))
+    )
+    data = dataclasses.replace(loaded.cfg.data, shards=args.shards, num_workers=0, batch_size=8)
+    rows = []
+    with torch.no_grad():
+        for batch in make_loader(data, args.split, "eval", 0, 1, manifest):
+            out = loaded.model(batch)
+            ct = batch.ct.float() / 255
+            pred = measure(ct, torch.sigmoid(out.lesion_logits.float()), batch.slice_mask)
+            gt = measure(ct, batch.lesion_mask.float(), batch.slice_mask)
+            for i, pid in enumerate(batch.patient_id):
+                if bool(batch.lesion_annotated[i]):
+                    rows.append(
+                        {
+                            "margin": truth[pid]["margin"],
+                            "texture": truth[pid]["texture"],
+                            "irregularity (ground truth mask)": gt[i, IRREGULARITY].item(),
+                            "irregularity (predicted mask)": pred[i, IRREGULARITY].item(),
+                            "texture (ground truth mask)": gt[i, TEXTURE].item(),
+                            "texture (predicted mask)": pred[i, TEXTURE].item(),
+                        }
+                    )
+    table = pd.DataFrame(rows)
+    print(f"{len(table)} annotated {args.split} patients; Spearman with the true factor")
+    for column in table.columns[2:]:
+        factor = "margin" if column.startswith("irregularity") else "texture"
+        rho = spearmanr(table[factor], table[column]).correlation
+        print(f"  {column:<36} vs true {factor:<8} {rho:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
