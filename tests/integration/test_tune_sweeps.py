@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
-from helpers import train_config
+from helpers import TINY_TRAIN, train_config
 
 from mmdls_dist.config import load_config
 from mmdls_dist.train import fit
@@ -154,17 +154,9 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, t
         space={"loss.w_os": {"type": "grid", "values": [0.5, 2.0]}},
     )
     overrides = [
-        "--set=" + s
+        f"--set={s}"
         for s in (
-            "data.num_workers=0",
-            "data.max_slices=5",
-            "data.batch_size=3",
-            "model.widths=[4,8,8,16]",
-            "model.decoder_width=8",
-            "model.cross_attention_heads=2",
-            "model.embed_dim=16",
-            "model.fusion_heads=2",
-            "model.tabular_hidden=16",
+            *TINY_TRAIN,
             "run.num_workers=1",
             "optim.epochs=2",
             "run.max_failures=0",
