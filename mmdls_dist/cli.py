@@ -322,6 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out,
         splits=args.splits.split(",") if args.splits else None,
         reference_shards=args.reference_shards,
+        reference=args.reference,
         n_boot=args.bootstrap,
         seed=args.seed,
         mapper=_mapper(args.executor, "inference", args.ray_address, 1.0 if args.gpu else 0.0),
@@ -575,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-shards",
         help="shards whose train/val splits fix cut-points, baselines and threshold "
         "(default: each model's training shards)",
+    )
+    p.add_argument(
+        "--reference",
+        help="reference-<label>.json of an earlier evaluation: score against it instead of "
+        "refitting on the training shards (for a site that cannot reach them; one model)",
     )
     p.add_argument("--out", default="mmdls-work/evaluation", help="report folder")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for 95%% CIs; 0 = off")

@@ -275,6 +275,12 @@ def _jsonable(value):
     return value
 
 
+def load_reference(path: str | Path) -> Reference:
+    """A reference-<label>.json written by an earlier evaluation (where the training shards
+    were reachable), for scoring a cohort where they are not."""
+    return Reference.from_dict(json.loads(Path(path).read_text()))
+
+
 def reference_for(
     ckpt: str, frame: pd.DataFrame, shards: str, reference_shards: str | None, **inference
 ) -> Reference:
@@ -299,6 +305,7 @@ def run_evaluation(
     *,
     splits: list[str] | None = None,
     reference_shards: str | None = None,
+    reference: str | None = None,
     n_boot: int = 200,
     seed: int = 0,
     min_center_patients: int = 10,
@@ -306,11 +313,15 @@ def run_evaluation(
 ) -> dict:
     """Evaluate one or more checkpoints (label -> checkpoint or run folder) on `shards`.
 
-    Writes to `out`: metrics.json, predictions-<label>.csv, reference-<label>.json (what
-    `mmdls predict` applies to new patients), report.html and figures/. Returns metrics."""
+    `reference`: a reference-<label>.json to score against instead of refitting it on the
+    training split (one model only). Writes to `out`: metrics.json, predictions-<label>.csv,
+    reference-<label>.json (what `mmdls predict` applies to new patients), report.html and
+    figures/. Returns metrics."""
     from mmdls_dist.inference import overlay_batch, resolve_checkpoint, run_inference
     from mmdls_dist.report import overlay_samples, slug, write_report
 
+    if reference and len(checkpoints) > 1:
+        raise ValueError("--reference fits one model; evaluate the models one at a time")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     available = [
@@ -324,7 +335,11 @@ def run_evaluation(
         frame = run_inference(
             ckpt, shards, sorted(set(splits) | ({"train", "val"} & set(available))), **inference
         )
-        ref = reference_for(ckpt, frame, shards, reference_shards, **inference)
+        ref = (
+            load_reference(reference)
+            if reference
+            else reference_for(ckpt, frame, shards, reference_shards, **inference)
+        )
         results[label] = evaluate_frame(frame, ref, splits, n_boot, seed, min_center_patients)
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)

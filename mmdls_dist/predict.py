@@ -10,7 +10,6 @@ missing from the output.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import pandas as pd
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest
 from mmdls_dist.data.splits import SplitRecipe
-from mmdls_dist.evaluate import Reference, reference_for
+from mmdls_dist.evaluate import Reference, load_reference, reference_for
 from mmdls_dist.inference import (
     STAGES,
     checkpoint_identity,
@@ -138,7 +137,7 @@ def run_prediction(
             **inference,
         )
         ref = (
-            Reference.from_dict(json.loads(Path(reference).read_text()))
+            load_reference(reference)
             if reference
             else reference_for(ckpt, frame, shards, None, mapper=mapper, **inference)
         )

@@ -167,6 +167,30 @@ def test_cli_evaluate_and_predict_from_shards(trained_run, shard_dir, tmp_path, 
         "val",
         "test",
     }
+    # A site without the training shards scores an external cohort against the reference
+    # file of the first evaluation: same cut-points, nothing refitted.
+    reference = tmp_path / "ev" / "reference-tiny.json"
+    code = main(
+        [
+            "evaluate",
+            f"tiny={trained_run}",
+            "--shards",
+            str(shard_dir),
+            "--splits",
+            "external",
+            "--bootstrap",
+            "0",
+            "--reference",
+            str(reference),
+            "--out",
+            str(tmp_path / "ext"),
+            "--parts",
+            "1",
+        ]
+    )
+    assert code == 0
+    again = strict_json(tmp_path / "ext" / "metrics.json")["models"]["tiny"]["reference"]
+    assert again["cutpoints"] == json.loads(reference.read_text())["cutpoints"]
     code = main(
         [
             "predict",
