@@ -207,6 +207,7 @@ class LossConfig:
     weighting: str = "fixed"  # "fixed" or "uncertainty" (learned, Kendall et al. 2018)
     cox_ties: str = "efron"  # "efron" or "breslow"
     dice_smooth: float = 1.0  # soft-Dice smoothing (pixels), > 0
+    lesion_boundary_weight: float = 0.0  # extra BCE weight of lesion boundary pixels, >= 0
 
     def __post_init__(self) -> None:
         for name in ("w_seg_lung", "w_seg_lesion", "w_histology", "w_stage", "w_dfs", "w_os"):
@@ -216,6 +217,8 @@ class LossConfig:
         _choice("loss.cox_ties", self.cox_ties, ("efron", "breslow"))
         if self.dice_smooth <= 0:
             raise ValueError("loss.dice_smooth must be > 0")
+        if self.lesion_boundary_weight < 0:
+            raise ValueError("loss.lesion_boundary_weight must be >= 0")
 
     def task_weights(self) -> dict[str, float]:
         """Loss-term name -> fixed weight (the names LossOutput.parts uses)."""
