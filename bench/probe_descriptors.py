@@ -11,7 +11,6 @@ issue #4's diagnosis (README, training benchmark).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,10 +21,9 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmdls_dist.data.loader import make_loader  # noqa: E402
-from mmdls_dist.data.shards import load_manifest  # noqa: E402
 from mmdls_dist.inference import (  # noqa: E402
-    checkpoint_identity,
+    eval_loader,
+    inference_manifest,
     load_model,
     resolve_checkpoint,
     training_normalization,
@@ -42,16 +40,12 @@ def main() -> None:
     parser.add_argument("truth")
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
-    ckpt = resolve_checkpoint(args.checkpoint)
     truth = json.loads(Path(args.truth).read_text())["patients"]
-    loaded = load_model(ckpt)
-    manifest = dict(
-        load_manifest(args.shards), normalization=training_normalization(checkpoint_identity(ckpt))
-    )
-    data = dataclasses.replace(loaded.cfg.data, shards=args.shards, num_workers=0, batch_size=8)
+    loaded = load_model(resolve_checkpoint(args.checkpoint))
+    manifest = inference_manifest(args.shards, training_normalization(loaded.identity))
     rows = []
     with torch.no_grad():
-        for batch in make_loader(data, args.split, "eval", 0, 1, manifest):
+        for batch in eval_loader(loaded, args.shards, args.split, manifest, batch_size=8):
             out = loaded.model(batch)
             ct = batch.ct.float() / 255
             pred = measure(ct, torch.sigmoid(out.lesion_logits.float()), batch.slice_mask)

@@ -28,6 +28,7 @@ from mmdls_dist.classification_metrics import (
 )
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.inference import STAGES, stage_probs
+from mmdls_dist.metrics import macro_ovr_auc
 from mmdls_dist.survival_metrics import (
     ENDPOINTS,
     BreslowBaseline,
@@ -189,7 +190,7 @@ def headline(frame: pd.DataFrame, ref: Reference) -> dict[str, float]:
     if len(np.unique(y[keep])) == 2:
         out["histology.auc"] = roc_auc_score(y[keep], p[keep])
         out["histology.ap"] = average_precision_score(y[keep], p[keep])
-    out["stage.macro_auc"] = multiclass_auc(stage_probs(frame), frame["stage"].to_numpy())
+    out["stage.macro_auc"] = macro_ovr_auc(stage_probs(frame), frame["stage"].to_numpy())
     for endpoint in ENDPOINTS:
         risk, time, event = endpoint_arrays(frame, endpoint)
         if len(risk) < 2 or not event.any():
@@ -202,18 +203,6 @@ def headline(frame: pd.DataFrame, ref: Reference) -> dict[str, float]:
         for h, v in zip(ref.horizons, aucs, strict=True):
             out[f"{endpoint}.td_auc.{h:g}"] = v
     return out
-
-
-def multiclass_auc(probs: np.ndarray, labels: np.ndarray) -> float:
-    keep = labels >= 0
-    probs, labels = probs[keep], labels[keep]
-    aucs = []
-    for c in range(probs.shape[1]):
-        y = labels == c
-        if y.all() or not y.any():
-            return math.nan
-        aucs.append(roc_auc_score(y, probs[:, c]))
-    return float(np.mean(aucs))
 
 
 def bootstrap_ci(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -> dict:
@@ -328,6 +317,7 @@ def run_evaluation(
         s for s in ("train", "val", "test", "external") if s in load_manifest(shards)["splits"]
     ]
     splits = splits or available
+    overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
     results, models, overlays = {}, {}, {}
     for label, path in checkpoints.items():
         ckpt = resolve_checkpoint(path)
@@ -346,7 +336,6 @@ def run_evaluation(
         (out / f"reference-{slug(label)}.json").write_text(
             json.dumps(_jsonable({"checkpoint": ckpt, **ref.to_dict()}), indent=1)
         )
-        overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
         batch, output = overlay_batch(ckpt, shards, overlay_split)
         overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []
     metrics = {

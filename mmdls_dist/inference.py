@@ -68,14 +68,35 @@ class LoadedModel:
 
 
 def load_model(path: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Checkpoint -> model in eval mode (weights_only load: no pickled code runs)."""
+    """Checkpoint (local or object store) -> model in eval mode (weights_only load: no
+    pickled code runs)."""
     from mmdls_dist.train import TrainModule
 
-    state, identity = checkpoint.load(path)
+    local, tmp = local_copy(path)
+    try:
+        state, identity = checkpoint.load(local)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     cfg = from_dict(Config, identity["config"])
     module = TrainModule(cfg)
     module.load_state_dict(state["module"])
     return LoadedModel(cfg, module.model.to(device).eval(), identity, path)
+
+
+def eval_loader(
+    loaded: LoadedModel,
+    shards: str,
+    split: str,
+    manifest: dict,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+):
+    """The model's own data settings (slices, image size) over other shards, in-process,
+    as stream `rank` of `world` of the loader's exactly-once eval plan."""
+    data = dataclasses.replace(loaded.cfg.data, shards=shards, batch_size=batch_size, num_workers=0)
+    return make_loader(data, split, "eval", rank, world, manifest)
 
 
 def checkpoint_identity(path: str) -> dict:
@@ -129,25 +150,20 @@ def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
 @torch.no_grad()
 def infer_part(part: Part) -> list[dict]:
     """Run one part; a plain function so it can be a Ray task (mmdls_dist.parallel)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local, tmp = local_copy(part.checkpoint)
-    try:
-        loaded = load_model(local, device)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    data = dataclasses.replace(
-        loaded.cfg.data, shards=part.shards, batch_size=part.batch_size, num_workers=0
+    loaded = load_model(part.checkpoint, device)
+    loader = eval_loader(
+        loaded, part.shards, part.split, part.manifest, part.batch_size, part.rank, part.world
     )
-    loader = make_loader(data, part.split, "eval", part.rank, part.world, part.manifest)
     records: list[dict] = []
     for batch in loader:
         batch = batch.to(device)
         out = loaded.model(batch)
         records.extend(_records(batch, out, part.split, with_dice=part.dice))
         if part.mask_dir is not None and out.lung_logits is not None:
-            write_masks(part.mask_dir, batch, out, data.max_slices, part.slice_names or {})
+            write_masks(
+                part.mask_dir, batch, out, loaded.cfg.data.max_slices, part.slice_names or {}
+            )
     return records
 
 
@@ -172,18 +188,15 @@ def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> No
 @torch.no_grad()
 def overlay_batch(ckpt: str, shards: str, split: str, patients: int = 4):
     """(Batch, ModelOutput) of the first `patients` of a split, for the report's overlays."""
-    part = plan_parts(
-        ckpt, shards, [split], 1, patients, training_normalization(checkpoint_identity(ckpt))
-    )[0]
-    local, tmp = local_copy(ckpt)
-    try:
-        loaded = load_model(local)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    data = dataclasses.replace(loaded.cfg.data, shards=shards, batch_size=patients, num_workers=0)
-    batch = next(iter(make_loader(data, split, "eval", 0, 1, part.manifest)))
+    loaded = load_model(ckpt)
+    manifest = inference_manifest(shards, training_normalization(loaded.identity))
+    batch = next(iter(eval_loader(loaded, shards, split, manifest, patients)))
     return batch, loaded.model(batch)
+
+
+def inference_manifest(shards: str, normalization: dict) -> dict:
+    """The shards' manifest with the model's training normalisation in place of theirs."""
+    return dict(load_manifest(shards), normalization=normalization)
 
 
 def plan_parts(
@@ -195,7 +208,7 @@ def plan_parts(
     normalization: dict,
     **extra,
 ) -> list[Part]:
-    manifest = dict(load_manifest(shards), normalization=normalization)
+    manifest = inference_manifest(shards, normalization)
     have = {e["split"] for e in manifest["shards"]}
     missing = [s for s in splits if s not in have]
     if missing:
@@ -222,7 +235,7 @@ def run_inference(
     plan = plan_parts(ckpt, shards, splits, parts, batch_size, norm, **extra)
     records = [r for part in mapper(infer_part, plan) for r in part]
     frame = predictions_frame(records)
-    expected = sum(load_manifest(shards)["splits"][s]["n_patients"] for s in splits)
+    expected = sum(plan[0].manifest["splits"][s]["n_patients"] for s in splits)
     if len(frame) != expected or frame["patient_id"].duplicated().any():
         raise RuntimeError(
             f"inference returned {len(frame)} rows for {expected} patients; the shards do not "

@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 PREDICT_SPLIT = "predict"
 
 
-def shard_for_prediction(raw: str, out: str, image_size: int, mapper_factory) -> dict:
-    """Validate a raw folder for prediction and shard its valid patients. -> manifest (its
-    "rejected" block lists who could not be read and why)."""
+def shard_for_prediction(
+    raw: str, out: str, image_size: int, mapper_factory
+) -> tuple[dict, dict[str, list[str]]]:
+    """Validate a raw folder for prediction and shard its valid patients. -> (manifest, its
+    "rejected" block listing who could not be read and why; patient -> slice file names)."""
     report = read_cohort(raw, mapper=mapper_factory("check images"), for_prediction=True)
     file_level = [d for d in report.defects if d.patient_id is None]
     if file_level:
@@ -46,7 +48,7 @@ def shard_for_prediction(raw: str, out: str, image_size: int, mapper_factory) ->
         log.warning("%d patient(s) rejected:\n%s", len(report.rejected), report.summary(50))
     if not report.records:
         raise ValueError(f"no readable patients in {raw}:\n{report.summary(max_defects=50)}")
-    return build_shards(
+    manifest = build_shards(
         report,
         out,
         SplitRecipe(),
@@ -55,6 +57,7 @@ def shard_for_prediction(raw: str, out: str, image_size: int, mapper_factory) ->
         mapper=mapper_factory("write shards"),
         single_split=PREDICT_SPLIT,
     )
+    return manifest, {r.patient_id: r.slice_files for r in report.records}
 
 
 def prediction_table(frame: pd.DataFrame, ref: Reference) -> pd.DataFrame:
@@ -114,13 +117,9 @@ def run_prediction(
             tmp = tempfile.TemporaryDirectory(prefix="mmdls-predict-")
             workdir = tmp.name
         shards = str(Path(workdir, "shards").resolve())
-        manifest = shard_for_prediction(raw, shards, _image_size(identity), mapper_factory)
+        manifest, names = shard_for_prediction(raw, shards, _image_size(identity), mapper_factory)
         split = PREDICT_SPLIT
-        if masks_dir:
-            slice_names = {
-                r.patient_id: r.slice_files
-                for r in read_cohort(raw, check_pixels=False, for_prediction=True).records
-            }
+        slice_names = names if masks_dir else None
     else:
         manifest = load_manifest(shards)
         split = split or PREDICT_SPLIT
