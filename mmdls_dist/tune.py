@@ -16,6 +16,7 @@ what keeps trials from starving each other.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -186,12 +187,15 @@ def build_tuner(base: Config, sweep: Sweep, name: str, *, resources: dict[str, f
     path = join_url(base.run.storage_path, name)
     if tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        # Unfinished trials resume; failed ones stay failed and reported (rerunning them
+        # would hide the failure, and their stale error.txt would contradict the rerun).
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=False)
+    max_t = sweep.max_t or base.optim.epochs
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
-            max_t=sweep.max_t or base.optim.epochs,
-            grace_period=min(sweep.grace_period, sweep.max_t or base.optim.epochs),
+            max_t=max_t,
+            grace_period=min(sweep.grace_period, max_t),
             reduction_factor=sweep.reduction_factor,
         )
         if sweep.scheduler == "asha"
@@ -242,7 +246,7 @@ def results_table(grid, sweep: Sweep) -> pd.DataFrame:
                 "status": "error" if error else "ok",
                 "error": _first_line(error),
                 "epochs": int(metrics.get("epoch", -1)) + 1,
-                **{f"config/{k}": v for k, v in (result.config or {}).items()},
+                **{f"config/{k}": v for k, v in _trial_config(result).items()},
                 f"best {metric}": best,
                 **{k: v for k, v in metrics.items() if k.startswith("val/")},
                 "checkpoint": metrics.get("checkpoint_path"),
@@ -254,6 +258,18 @@ def results_table(grid, sweep: Sweep) -> pd.DataFrame:
 
 def _trial_name(result) -> str:
     return Path(result.path).name if result.path else "?"
+
+
+def _trial_config(result) -> dict:
+    """The trial's sampled values; after Tuner.restore a failed trial's Result comes back
+    without them, but Tune left params.json in the trial folder."""
+    if result.config or not result.path:
+        return result.config or {}
+    fs, path = fsspec.core.url_to_fs(join_url(result.path, "params.json"))
+    if fs.exists(path):
+        with fs.open(path, "r") as stream:
+            return json.load(stream)
+    return {}
 
 
 def _trial_error(result):
