@@ -100,5 +100,12 @@ class LesionDescriptors(nn.Module):
     def forward(self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
         raw = measure(ct, lesion_prob, slice_mask)
         missing = (raw[:, :1] == 0).expand_as(raw)
-        values = self.norm(raw) if raw.shape[0] > 1 or not self.training else raw
+        if self.training and raw.shape[0] == 1:
+            # Batch statistics of one patient are undefined: use the running ones, so the
+            # values keep the scale the fusion sees everywhere else.
+            values = F.batch_norm(
+                raw, self.norm.running_mean, self.norm.running_var, eps=self.norm.eps
+            )
+        else:
+            values = self.norm(raw)
         return torch.where(missing, torch.zeros_like(values), values), missing
