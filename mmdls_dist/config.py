@@ -156,6 +156,10 @@ class ModelConfig:
     lesion_refine: bool = False  # full-resolution edge refinement of the lesion mask
     lesion_descriptors: bool = False  # add measured lesion shape / texture descriptors
     # (model/descriptors.py) of the predicted lesion mask to the imaging embedding
+    lesion_reader: int = 0  # side (pixels) of the patient-level full-resolution lesion crop
+    # read by a small CNN into its own fusion token (model/reader.py); 0 = off, else >= 8
+    radiomics_rank: int = 0  # > 0: the radiomics enter through a linear bottleneck of this
+    # many dimensions with input dropout 0.5 (128 noisy columns over-fit a full MLP); 0 = MLP
     tabular_dropout: float = 0.0  # training-time chance to blank a patient's tabular token
     # (per modality), so the imaging path must carry the tasks too; [0, 1)
     survival_sees_classification: bool = True  # survival heads get soft histology/stage
@@ -177,6 +181,10 @@ class ModelConfig:
             raise ValueError("model.embed_dim must be >= 8 and divisible by model.fusion_heads")
         if not 0 <= self.fusion_layers <= 4:
             raise ValueError("model.fusion_layers must be in 0..4")
+        if self.lesion_reader != 0 and self.lesion_reader < 8:
+            raise ValueError("model.lesion_reader must be 0 (off) or >= 8 pixels")
+        if self.radiomics_rank < 0:
+            raise ValueError("model.radiomics_rank must be >= 0")
         if self.lesion_patch < 0 or not 0 < self.lesion_patch_extent <= 1:
             raise ValueError("model.lesion_patch must be >= 0, lesion_patch_extent in (0, 1]")
         if self.tabular_hidden < 4 or self.pixel_encoder_width < 4:

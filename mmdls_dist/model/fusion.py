@@ -59,36 +59,36 @@ class PatientFusion(nn.Module):
 
     "attention": one token per modality (plus a type embedding), a transformer layer, mean;
     "concat": concatenation and an MLP. Switched-off modalities are simply absent.
+    Imaging brings n_imaging tokens (the slice-fused vector, and the lesion reader's).
+    A tabular input listed in `ranks` first goes through input dropout 0.5 and a linear
+    bottleneck of that many dimensions (for wide, noisy inputs such as 128 radiomics).
     """
 
     def __init__(
         self,
         dim: int,
         tabular_inputs: dict[str, int],
-        use_imaging: bool,
+        n_imaging: int,
         hidden: int,
         variant: str,
         heads: int,
         dropout: float,
         tabular_dropout: float = 0.0,
         keep_always: tuple[str, ...] = (),
+        ranks: dict[str, int] | None = None,
     ):
         super().__init__()
         self.variant = variant
         self.tabular_dropout = tabular_dropout
         self.keep_always = keep_always  # tokens tabular dropout never blanks (imaging ones)
+        ranks = ranks or {}
         self.tabular = nn.ModuleDict(
             {
-                name: nn.Sequential(
-                    nn.Linear(2 * width, hidden),
-                    nn.GELU(),
-                    nn.Dropout(dropout),
-                    nn.Linear(hidden, dim),
-                )
+                name: _token_net(2 * width, hidden, dim, dropout, ranks.get(name, 0))
                 for name, width in tabular_inputs.items()
             }
         )
-        n_tokens = len(tabular_inputs) + int(use_imaging)
+        n_tokens = len(tabular_inputs) + n_imaging
         if variant == "attention":
             self.type_embed = nn.Parameter(torch.zeros(n_tokens, dim))
             self.mix = nn.TransformerEncoderLayer(
@@ -99,10 +99,10 @@ class PatientFusion(nn.Module):
             self.out = mlp(n_tokens * dim, dim, dropout)
 
     def forward(
-        self, imaging: torch.Tensor | None, tabular: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self, imaging: list[torch.Tensor], tabular: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
-        """tabular: name -> (values [B,F], missing [B,F] bool)."""
-        tokens = [] if imaging is None else [imaging]
+        """imaging: n_imaging tokens [B,E]; tabular: name -> (values [B,F], missing [B,F])."""
+        tokens = list(imaging)
         for name, net in self.tabular.items():
             values, missing = tabular[name]
             token = net(torch.cat([values, missing.to(values.dtype)], dim=1))
@@ -114,6 +114,15 @@ class PatientFusion(nn.Module):
             x = torch.stack(tokens, dim=1) + self.type_embed
             return self.out(self.mix(x).mean(1))
         return self.out(torch.cat(tokens, dim=1))
+
+
+def _token_net(width: int, hidden: int, dim: int, dropout: float, rank: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if rank:
+        layers = [nn.Dropout(0.5), nn.Linear(width, rank)]
+        width = rank
+    layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)]
+    return nn.Sequential(*layers)
 
 
 class TaskHeads(nn.Module):

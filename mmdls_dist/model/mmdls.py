@@ -17,6 +17,7 @@ from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES,
 from mmdls_dist.model.descriptors import N_DESCRIPTORS, LesionDescriptors
 from mmdls_dist.model.encoders import LesionPatchEncoder, MaskPoolEncoder, PixelEncoder
 from mmdls_dist.model.fusion import PatientFusion, SliceFusion, TaskHeads
+from mmdls_dist.model.reader import LesionReader
 from mmdls_dist.model.segmentor import EdgeRefiner, Segmentor
 
 PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
@@ -78,6 +79,10 @@ class MMDLS(nn.Module):
                 self.descriptors = LesionDescriptors()
             if cfg.lesion_refine:
                 self.lesion_refiner = EdgeRefiner()
+            if cfg.lesion_reader:
+                self.reader = LesionReader(
+                    cfg.lesion_reader, cfg.pixel_encoder_width, e, cfg.dropout
+                )
         tabular = {}
         if cfg.use_clinical:
             tabular["clinical"] = len(CLINICAL_FEATURES)
@@ -87,16 +92,18 @@ class MMDLS(nn.Module):
             tabular["radiomics"] = N_RADIOMICS
         if cfg.use_imaging and cfg.lesion_descriptors:
             tabular[DESCRIPTOR_TOKEN] = N_DESCRIPTORS
+        n_imaging = int(cfg.use_imaging) * (1 + int(cfg.lesion_reader > 0))
         self.patient_fusion = PatientFusion(
             e,
             tabular,
-            cfg.use_imaging,
+            n_imaging,
             cfg.tabular_hidden,
             cfg.patient_fusion,
             cfg.fusion_heads,
             cfg.dropout,
             cfg.tabular_dropout,
             keep_always=(DESCRIPTOR_TOKEN,),
+            ranks={"radiomics": cfg.radiomics_rank},
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 
@@ -146,19 +153,26 @@ class MMDLS(nn.Module):
             if name == "lesion_logits" and self.cfg.lesion_refine:
                 up = self.lesion_refiner(x, up)
             logits[name] = _scatter(up[:, 0], valid, PAD_LOGIT)
-        out = {"imaging": imaging, "slice_weights": weights, **logits}
+        out = {"imaging": [imaging], "slice_weights": weights, **logits}
+        if self.cfg.lesion_descriptors or self.cfg.lesion_reader:
+            prob = self._full_lesion_view(batch, logits["lesion_logits"], gt_weight)
+        if self.cfg.lesion_reader:
+            image = (batch.ct.float() / 255.0 - CT_MEAN) / CT_STD
+            out["imaging"].append(self.reader(image, prob, batch.slice_mask))
         if self.cfg.lesion_descriptors:
-            out[DESCRIPTOR_TOKEN] = self._descriptors(batch, logits["lesion_logits"], gt_weight)
+            out[DESCRIPTOR_TOKEN] = self.descriptors(
+                batch.ct.float() / 255.0, prob, batch.slice_mask
+            )
         return out
 
-    def _descriptors(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):
-        """Descriptors of the full-resolution lesion mask the encoders see: prediction,
-        blended with ground truth (annotated patients) during the warm-up."""
+    def _full_lesion_view(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):
+        """The full-resolution soft lesion mask the descriptors and the reader see: the
+        prediction, blended with ground truth (annotated patients) during the warm-up."""
         prob = torch.sigmoid(lesion_logits.float())
         if gt_weight > 0:
             w = gt_weight * batch.lesion_annotated.float()[:, None, None, None]
             prob = w * batch.lesion_mask.float() + (1 - w) * prob
-        return self.descriptors(batch.ct.float() / 255.0, prob, batch.slice_mask)
+        return prob
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
         """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground
@@ -174,7 +188,7 @@ class MMDLS(nn.Module):
         }
         if DESCRIPTOR_TOKEN in imaging:
             tabular[DESCRIPTOR_TOKEN] = imaging[DESCRIPTOR_TOKEN]
-        h = self.patient_fusion(imaging.get("imaging"), tabular)
+        h = self.patient_fusion(imaging.get("imaging", []), tabular)
         return ModelOutput(
             **self.heads(h),
             lung_logits=imaging.get("lung_logits"),

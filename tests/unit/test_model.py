@@ -63,6 +63,7 @@ def test_output_shapes(batch, encoder_input):
         {"fusion_layers": 2, "blocks_per_stage": 2},
         {"lesion_patch": 8},
         {"lesion_descriptors": True, "lesion_refine": True},
+        {"lesion_reader": 16, "radiomics_rank": 4},
     ],
 )
 def test_gradient_reaches_every_parameter(batch, overrides):
@@ -88,6 +89,7 @@ def test_gradient_reaches_every_parameter(batch, overrides):
         {"encoder_input": "pixels"},
         {"lesion_patch": 8},
         {"lesion_descriptors": True, "lesion_refine": True},
+        {"lesion_reader": 16},
     ],
 )
 def test_padding_slices_changes_nothing(batch, overrides):
@@ -106,7 +108,7 @@ def test_padding_slices_changes_nothing(batch, overrides):
 def test_ct_only_inference(batch):
     """New patients come without masks: zeroed masks change nothing at gt_mask_weight=0
     (the lesion descriptors too are measured on the predicted mask then)."""
-    model = _model(lesion_descriptors=True).eval()
+    model = _model(lesion_descriptors=True, lesion_reader=16).eval()
     ct_only = dataclasses.replace(
         batch,
         masks=torch.zeros_like(batch.masks),
@@ -157,6 +159,30 @@ def test_lesion_patch_is_cut_around_the_soft_lesion():
     for i in range(2):
         ct = crops[i, 0]
         assert ct[2:6, 2:6].mean() > 0.9 and ct[0, 0] == 0 and ct[-1, -1] == 0  # centred
+
+
+def test_lesion_reader_crops_the_largest_lesion_slice_and_its_neighbours():
+    from mmdls_dist.model.reader import crop, locate
+
+    b, s, h, w = 2, 5, 32, 32
+    prob = torch.zeros(b, s, h, w)
+    prob[0, 1, 4:8, 20:24] = 1.0  # patient 0: small lesion on slice 1 ...
+    prob[0, 3, 2:10, 18:26] = 1.0  # ... and its largest slice 3, centred at (x 22, y 6)
+    prob[1, 0, 24:28, 8:12] = 1.0  # patient 1: only slice 0, centred at (x 10, y 26)
+    prob[1, 4, 0:16, 0:16] = 1.0  # a bigger blob on a padded slot: ignored
+    slice_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    idx, centre = locate(prob, slice_mask)
+    assert idx.tolist() == [[2, 3, 4], [0, 0, 1]]  # neighbours clamped to the real slices
+    image = torch.arange(s, dtype=torch.float32)[None, :, None, None].expand(b, s, h, w).clone()
+    image[0, 3] = 0.0
+    image[0, 3, 2:10, 18:26] = 9.0  # the lesion's pixels on patient 0's largest slice
+    out = crop(image, idx, centre, 8)
+    assert out.shape == (2, 3, 8, 8)
+    assert torch.allclose(out[0, 1], torch.full((8, 8), 9.0), atol=1e-3)  # the 8 x 8 lesion
+    assert torch.allclose(out[0, 0], torch.full((8, 8), 2.0))  # neighbour slices
+    assert torch.allclose(out[1, 2], torch.full((8, 8), 1.0))
+    _, none = locate(torch.zeros(1, 2, h, w), torch.ones(1, 2, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(1, 2))  # no lesion: the image centre
 
 
 def test_segmentation_heads_start_at_the_foreground_prior(batch):
