@@ -205,3 +205,31 @@ def test_tabular_dropout_blanks_tables_in_training_only(batch):
         assert torch.equal(model.train()(batch).os_log_hazard, model(no_tab).os_log_hazard)
         model.eval()
         assert not torch.equal(model(batch).os_log_hazard, model(no_tab).os_log_hazard)
+
+
+def test_a_patients_prediction_does_not_depend_on_its_batch_mates_in_eval(batch):
+    """BatchNorm layers (lesion reader, descriptors) must use running statistics at
+    inference: a patient scored alone gets the same output as inside a batch."""
+    model = _model(lesion_reader=16, lesion_descriptors=True, dropout=0.0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # move the running statistics away from their initial values
+            model(batch)
+    model.eval()
+    first = dataclasses.replace(
+        batch,
+        **{
+            name: getattr(batch, name)[:1]
+            for name in ("ct", "masks", "slice_mask", "lesion_annotated", "clinical",
+                         "clinical_missing", "pet", "pet_missing", "radiomics",
+                         "radiomics_missing")
+        },
+    )  # fmt: skip
+    with torch.no_grad():
+        together, alone = model(batch), model(first)
+    for name in ("histology_logit", "stage_logits", "dfs_log_hazard", "os_log_hazard"):
+        assert torch.allclose(getattr(together, name)[:1], getattr(alone, name), atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        # the control: in training the batch statistics do couple the patients
+        assert not torch.allclose(model(batch).os_log_hazard[:1], model(first).os_log_hazard)

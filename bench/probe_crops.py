@@ -1,0 +1,143 @@
+"""Probe: what a small CNN learns about survival from lesion crops alone, or with the tables,
+trained on outcomes only (stage CE + DFS/OS Cox), without the rest of the network.
+
+    python bench/probe_crops.py SHARDS TRUTH_JSON [--inputs crops|tables|both]
+        [--radiomics full|rank4|off] [--epochs 10] [--batch 16] [--lr 2e-3]
+
+The crop is the one model/reader.py takes, cut here at the ground-truth lesion (largest
+annotated slice and its neighbours, 32 x 32), so this measures what the pixels carry when
+the location is right, in seconds instead of a full training run. Prints validation
+Harrell's C (DFS, OS) per epoch and the Spearman correlation of the predicted DFS risk with
+the generator's true margin and texture. Annotated patients only. Used for issue #4's
+diagnosis (README, training benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from scipy.stats import spearmanr
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmdls_dist.config import DataConfig  # noqa: E402
+from mmdls_dist.data.loader import make_loader  # noqa: E402
+from mmdls_dist.losses import cox_loss  # noqa: E402
+from mmdls_dist.metrics import harrell_cindex  # noqa: E402
+from mmdls_dist.model.reader import crop, locate  # noqa: E402
+
+SIDE = 32
+N_SMALL = 22  # clinical 6 + their missing flags 6 + PET 5 + their missing flags 5
+
+
+def load(shards: str, split: str, truth: dict) -> dict[str, torch.Tensor]:
+    cfg = DataConfig(shards=shards, batch_size=16, max_slices=12, num_workers=0, verify="size")
+    parts: dict[str, list] = {"x": [], "tab": [], "y": []}
+    for b in make_loader(cfg, split, "eval"):
+        keep = b.lesion_annotated & (b.lesion_mask.flatten(1).sum(1) >= 3)
+        if not keep.any():
+            continue
+        idx, centre = locate(b.lesion_mask.float(), b.slice_mask)
+        parts["x"].append(crop(b.ct.float() / 255, idx, centre, SIDE)[keep])
+        tab = [b.clinical, b.clinical_missing, b.pet, b.pet_missing]
+        tab += [b.radiomics, b.radiomics_missing]
+        parts["tab"].append(torch.cat([torch.nan_to_num(t.float()) for t in tab], 1)[keep])
+        factors = [[truth[p]["margin"], truth[p]["texture"]] for p in b.patient_id]
+        y = [b.stage.float(), b.dfs_time, b.dfs_event.float(), b.os_time, b.os_event.float()]
+        y = torch.cat([torch.stack(y, 1), torch.tensor(factors)], 1)
+        parts["y"].append(y[keep])
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class Probe(nn.Module):
+    def __init__(self, inputs: str, n_tab: int, rank: int):
+        super().__init__()
+        self.inputs = inputs
+        self.cnn = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+        )  # fmt: skip
+        self.rank = rank
+        if rank:
+            self.bottleneck = nn.Sequential(nn.Dropout(0.5), nn.Linear(n_tab - N_SMALL, rank))
+            n_tab = N_SMALL + rank
+        self.tab = nn.Sequential(
+            nn.Linear(n_tab, 64), nn.GELU(), nn.Dropout(0.3), nn.Linear(64, 64)
+        )
+        self.head = nn.Linear(64 * (2 if inputs == "both" else 1), 5)
+
+    def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        if self.rank:
+            tab = torch.cat([tab[:, :N_SMALL], self.bottleneck(tab[:, N_SMALL:])], 1)
+        parts = {"crops": [self.cnn(x)], "tables": [self.tab(tab)]}
+        parts["both"] = parts["crops"] + parts["tables"]
+        return self.head(torch.cat(parts[self.inputs], 1))
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(out[:, :3], y[:, 0].long(), ignore_index=-1)
+    for col, t in ((3, 1), (4, 3)):
+        known = ~torch.isnan(y[:, t])
+        time_ = torch.nan_to_num(y[:, t], nan=1.0)
+        loss = loss + cox_loss(out[:, col], time_, y[:, t + 1] > 0, known).loss
+    return loss
+
+
+def evaluate(out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    scores = {}
+    for name, col, t in (("C DFS", 3, 1), ("C OS", 4, 3)):
+        k = ~torch.isnan(y[:, t])
+        scores[name] = harrell_cindex(out[k, col].numpy(), y[k, t].numpy(), y[k, t + 1].numpy() > 0)
+    scores["rho margin"] = spearmanr(out[:, 3], y[:, 5]).correlation
+    scores["rho texture"] = spearmanr(out[:, 3], y[:, 6]).correlation
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shards")
+    parser.add_argument("truth")
+    parser.add_argument("--inputs", choices=("crops", "tables", "both"), default="both")
+    parser.add_argument("--radiomics", choices=("full", "rank4", "off"), default="off")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    args = parser.parse_args()
+    truth = json.loads(Path(args.truth).read_text())["patients"]
+    t0 = time.perf_counter()
+    train, val = (load(args.shards, s, truth) for s in ("train", "val"))
+    if args.radiomics == "off":
+        train["tab"], val["tab"] = train["tab"][:, :N_SMALL], val["tab"][:, :N_SMALL]
+    print(f"{len(train['x'])} train / {len(val['x'])} val annotated patients, {vars(args)}")
+    torch.manual_seed(0)
+    model = Probe(args.inputs, train["tab"].shape[1], 4 if args.radiomics == "rank4" else 0)
+    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=1e-3)
+    n = len(train["x"])
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(n)
+        for start in range(0, n - args.batch + 1, args.batch):
+            i = order[start : start + args.batch]
+            loss = task_loss(model(train["x"][i], train["tab"][i]), train["y"][i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            scores = evaluate(model(val["x"], val["tab"]), val["y"])
+        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"{time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
