@@ -2,7 +2,8 @@
 trained on outcomes only (stage CE + DFS/OS Cox), without the rest of the network.
 
     python bench/probe_crops.py SHARDS TRUTH_JSON [--inputs crops|tables|both]
-        [--radiomics full|rank4|off] [--epochs 10] [--batch 16] [--lr 2e-3]
+        [--radiomics full|rank4|off] [--norm batch|group|none] [--epochs 10] [--batch 16]
+        [--lr 2e-3]
 
 The crop is the one model/reader.py takes, cut here at the ground-truth lesion (largest
 annotated slice and its neighbours, 32 x 32), so this measures what the pixels carry when
@@ -35,6 +36,11 @@ from mmdls_dist.model.reader import crop, locate  # noqa: E402
 
 SIDE = 32
 N_SMALL = 22  # clinical 6 + their missing flags 6 + PET 5 + their missing flags 5
+NORMS = {  # the reader uses BatchNorm; the others are what the README compares it with
+    "batch": nn.BatchNorm2d,
+    "group": lambda c: nn.GroupNorm(8, c),
+    "none": lambda c: nn.Identity(),
+}
 
 
 def load(shards: str, split: str, truth: dict) -> dict[str, torch.Tensor]:
@@ -57,14 +63,15 @@ def load(shards: str, split: str, truth: dict) -> dict[str, torch.Tensor]:
 
 
 class Probe(nn.Module):
-    def __init__(self, inputs: str, n_tab: int, rank: int):
+    def __init__(self, inputs: str, n_tab: int, rank: int, norm: str = "batch"):
         super().__init__()
         self.inputs = inputs
+        n = NORMS[norm]
         self.cnn = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(3, 32, 3, padding=1), n(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), n(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), n(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), n(64), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
         )  # fmt: skip
         self.rank = rank
@@ -109,6 +116,7 @@ def main() -> None:
     parser.add_argument("truth")
     parser.add_argument("--inputs", choices=("crops", "tables", "both"), default="both")
     parser.add_argument("--radiomics", choices=("full", "rank4", "off"), default="off")
+    parser.add_argument("--norm", choices=tuple(NORMS), default="batch")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -120,7 +128,8 @@ def main() -> None:
         train["tab"], val["tab"] = train["tab"][:, :N_SMALL], val["tab"][:, :N_SMALL]
     print(f"{len(train['x'])} train / {len(val['x'])} val annotated patients, {vars(args)}")
     torch.manual_seed(0)
-    model = Probe(args.inputs, train["tab"].shape[1], 4 if args.radiomics == "rank4" else 0)
+    rank = 4 if args.radiomics == "rank4" else 0
+    model = Probe(args.inputs, train["tab"].shape[1], rank, args.norm)
     opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=1e-3)
     n = len(train["x"])
     for epoch in range(args.epochs):

@@ -29,6 +29,17 @@ def masked_mean(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (features * weight).sum((2, 3)) / (weight.sum((2, 3)) + EPS)
 
 
+def soft_centroid(mask: torch.Tensor) -> torch.Tensor:
+    """mask [N,h,w] soft weights -> [N,2] weighted centroid (x, y) in affine_grid's
+    align_corners=False coordinates (pixel centres), so it means the same place on a
+    low-resolution mask and on the full-resolution CT. An empty mask gives (0, 0)."""
+    h, w = mask.shape[-2:]
+    total = mask.sum((1, 2)) + EPS
+    ys = (torch.arange(h, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / h - 1
+    xs = (torch.arange(w, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / w - 1
+    return torch.stack([(mask.sum(1) * xs).sum(1), (mask.sum(2) * ys).sum(1)], 1) / total[:, None]
+
+
 def log_area(weight: torch.Tensor) -> torch.Tensor:
     """weight [N,1,H,W] -> [N,1] log of the soft area fraction: pooling is blind to size."""
     return torch.log(weight.mean((2, 3)) + EPS)
@@ -95,16 +106,9 @@ class LesionPatchEncoder(nn.Module):
     def crop(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """image [N,1,H,W], mask [N,1,h,w] -> [N,2,P,P]: CT and full-res mask patches."""
         n = image.shape[0]
-        h, w = mask.shape[-2:]
-        weight = mask / (mask.sum((2, 3), keepdim=True) + EPS)
-        # Pixel centres in affine_grid's align_corners=False coordinates, so the centroid
-        # means the same place on the 1/4-resolution mask and on the full-resolution CT.
-        ys = ((torch.arange(h, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / h - 1)[:, None]
-        xs = ((torch.arange(w, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / w - 1)[None, :]
-        cx, cy = (weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))  # [N,1]
         theta = torch.zeros(n, 2, 3, device=image.device, dtype=image.dtype)
         theta[:, 0, 0] = theta[:, 1, 1] = self.extent
-        theta[:, 0, 2], theta[:, 1, 2] = cx[:, 0], cy[:, 0]
+        theta[:, :, 2] = soft_centroid(mask[:, 0]).to(image.dtype)
         grid = F.affine_grid(theta, [n, 1, self.patch, self.patch], align_corners=False)
         full = F.interpolate(mask, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return F.grid_sample(torch.cat([image, full], 1), grid, align_corners=False)

@@ -155,14 +155,14 @@ class MMDLS(nn.Module):
             logits[name] = _scatter(up[:, 0], valid, PAD_LOGIT)
         out = {"imaging": [imaging], "slice_weights": weights, **logits}
         if self.cfg.lesion_descriptors or self.cfg.lesion_reader:
+            # Both read the whole [B,S,H,W] volume: convert it once.
+            ct = batch.ct.float() / 255.0
             prob = self._full_lesion_view(batch, logits["lesion_logits"], gt_weight)
         if self.cfg.lesion_reader:
-            image = (batch.ct.float() / 255.0 - CT_MEAN) / CT_STD
+            image = (ct - CT_MEAN) / CT_STD
             out["imaging"].append(self.reader(image, prob, batch.slice_mask))
         if self.cfg.lesion_descriptors:
-            out[DESCRIPTOR_TOKEN] = self.descriptors(
-                batch.ct.float() / 255.0, prob, batch.slice_mask
-            )
+            out[DESCRIPTOR_TOKEN] = self.descriptors(ct, prob, batch.slice_mask)
         return out
 
     def _full_lesion_view(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-EPS = 1e-4
+from mmdls_dist.model.encoders import EPS, soft_centroid
 
 
 @torch.no_grad()
@@ -35,21 +35,15 @@ def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     """lesion_prob [B,S,H,W], slice_mask [B,S] -> (slice index [B,3] of the largest lesion
     slice and its neighbours, clamped to the real slices; centroid [B,2] as (x, y) in
     affine_grid coordinates, align_corners=False). No lesion: the image centre."""
-    b, s, h, w = lesion_prob.shape
+    b = lesion_prob.shape[0]
     prob = lesion_prob * slice_mask[:, :, None, None]
     area = prob.sum((2, 3))
     k = area.argmax(1)
     last = (slice_mask.sum(1) - 1).clamp(min=0)
     idx = torch.stack([(k - 1).clamp(min=0), k, torch.minimum(k + 1, last)], dim=1)
     m = prob[torch.arange(b, device=prob.device), k]  # [B,H,W]
-    total = m.sum((1, 2))
-    ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) * 2 / h - 1
-    xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) * 2 / w - 1
-    cy = (m.sum(2) * ys).sum(1) / (total + EPS)
-    cx = (m.sum(1) * xs).sum(1) / (total + EPS)
-    found = total > EPS
-    centre = torch.stack([cx, cy], dim=1) * found[:, None]
-    return idx, centre
+    found = m.sum((1, 2)) > EPS
+    return idx, soft_centroid(m) * found[:, None]
 
 
 def crop(image: torch.Tensor, idx: torch.Tensor, centre: torch.Tensor, side: int) -> torch.Tensor:
