@@ -2,11 +2,11 @@
 trained on outcomes only (stage CE + DFS/OS Cox), without the rest of the network.
 
     python bench/probe_crops.py SHARDS TRUTH_JSON [--inputs crops|tables|both]
-        [--radiomics full|rank4|off] [--norm batch|group|none] [--epochs 10] [--batch 16]
-        [--lr 2e-3]
+        [--radiomics full|rank4|off] [--norm batch|group|none] [--channels ct|mask|both]
+        [--pool mean|meanstd] [--side 32] [--epochs 10] [--batch 16] [--lr 2e-3]
 
 The crop is the one model/reader.py takes, cut here at the ground-truth lesion (largest
-annotated slice and its neighbours, 32 x 32), so this measures what the pixels carry when
+annotated slice and its neighbours, 32 x 32 by default), so this measures what the pixels carry when
 the location is right, in seconds instead of a full training run. Prints validation
 Harrell's C (DFS, OS) per epoch and the Spearman correlation of the predicted DFS risk with
 the generator's true margin and texture. Annotated patients only. Used for issue #4's
@@ -30,12 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmdls_dist.config import DataConfig  # noqa: E402
 from mmdls_dist.data.loader import make_loader  # noqa: E402
+from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES  # noqa: E402
 from mmdls_dist.losses import cox_loss  # noqa: E402
 from mmdls_dist.metrics import harrell_cindex  # noqa: E402
+from mmdls_dist.model.descriptors import measure  # noqa: E402
 from mmdls_dist.model.reader import crop, locate  # noqa: E402
 
 SIDE = 32
-N_SMALL = 22  # clinical 6 + their missing flags 6 + PET 5 + their missing flags 5
+DESCRIPTOR_COLUMNS = [2, 3]  # texture, irregularity (see model/descriptors.py)
+# Clinical and PET values and their missing flags; radiomics (values, flags) follow them.
+N_SMALL = 2 * (len(CLINICAL_FEATURES) + len(PET_FEATURES))
 NORMS = {  # the reader uses BatchNorm; the others are what the README compares it with
     "batch": nn.BatchNorm2d,
     "group": lambda c: nn.GroupNorm(8, c),
@@ -43,15 +47,27 @@ NORMS = {  # the reader uses BatchNorm; the others are what the README compares 
 }
 
 
-def load(shards: str, split: str, truth: dict) -> dict[str, torch.Tensor]:
+def load(
+    shards: str, split: str, truth: dict, channels: str = "ct", side: int = SIDE
+) -> dict[str, torch.Tensor]:
+    """Annotated patients of one split: crops "x" at the ground-truth lesion, tables "tab",
+    targets "y" (stage, DFS time/event, OS time/event, true margin, true texture), the true
+    linear predictors "eta" (DFS, OS) and the texture / irregularity descriptors measured
+    on the ground-truth mask "desc" (model/descriptors.py)."""
     cfg = DataConfig(shards=shards, batch_size=16, max_slices=12, num_workers=0, verify="size")
-    parts: dict[str, list] = {"x": [], "tab": [], "y": []}
+    parts: dict[str, list] = {"x": [], "tab": [], "y": [], "eta": [], "desc": []}
     for b in make_loader(cfg, split, "eval"):
         keep = b.lesion_annotated & (b.lesion_mask.flatten(1).sum(1) >= 3)
         if not keep.any():
             continue
-        idx, centre = locate(b.lesion_mask.float(), b.slice_mask)
-        parts["x"].append(crop(b.ct.float() / 255, idx, centre, SIDE)[keep])
+        lesion = b.lesion_mask.float()
+        idx, centre = locate(lesion, b.slice_mask)
+        views = []
+        if channels in ("ct", "both"):
+            views.append(crop(b.ct.float() / 255, idx, centre, side))
+        if channels in ("mask", "both"):
+            views.append(crop(lesion, idx, centre, side))
+        parts["x"].append(torch.cat(views, 1)[keep])
         tab = [b.clinical, b.clinical_missing, b.pet, b.pet_missing]
         tab += [b.radiomics, b.radiomics_missing]
         parts["tab"].append(torch.cat([torch.nan_to_num(t.float()) for t in tab], 1)[keep])
@@ -59,21 +75,29 @@ def load(shards: str, split: str, truth: dict) -> dict[str, torch.Tensor]:
         y = [b.stage.float(), b.dfs_time, b.dfs_event.float(), b.os_time, b.os_event.float()]
         y = torch.cat([torch.stack(y, 1), torch.tensor(factors)], 1)
         parts["y"].append(y[keep])
+        eta = [[truth[p]["eta_dfs"], truth[p]["eta_os"]] for p in b.patient_id]
+        parts["eta"].append(torch.tensor(eta)[keep])
+        desc = measure(b.ct.float() / 255, lesion, b.slice_mask)[:, DESCRIPTOR_COLUMNS]
+        parts["desc"].append(desc[keep])
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
 class Probe(nn.Module):
-    def __init__(self, inputs: str, n_tab: int, rank: int, norm: str = "batch"):
+    def __init__(
+        self, inputs: str, n_tab: int, rank: int, norm: str = "batch", c_in: int = 3,
+        pool: str = "mean",
+    ):  # fmt: skip
         super().__init__()
         self.inputs = inputs
         n = NORMS[norm]
         self.cnn = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), n(32), nn.ReLU(),
+            nn.Conv2d(c_in, 32, 3, padding=1), n(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), n(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), n(64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(64, 64, 3, padding=1), n(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
         )  # fmt: skip
+        self.pool = pool
+        self.drop = nn.Dropout(0.2)
         self.rank = rank
         if rank:
             self.bottleneck = nn.Sequential(nn.Dropout(0.5), nn.Linear(n_tab - N_SMALL, rank))
@@ -81,12 +105,18 @@ class Probe(nn.Module):
         self.tab = nn.Sequential(
             nn.Linear(n_tab, 64), nn.GELU(), nn.Dropout(0.3), nn.Linear(64, 64)
         )
-        self.head = nn.Linear(64 * (2 if inputs == "both" else 1), 5)
+        n_cnn = 128 if pool == "meanstd" else 64
+        self.head = nn.Linear({"crops": n_cnn, "tables": 64, "both": n_cnn + 64}[inputs], 5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.cnn(x).flatten(2)
+        pooled = [f.mean(2)] + ([f.std(2)] if self.pool == "meanstd" else [])
+        return self.drop(torch.cat(pooled, 1))
 
     def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
         if self.rank:
             tab = torch.cat([tab[:, :N_SMALL], self.bottleneck(tab[:, N_SMALL:])], 1)
-        parts = {"crops": [self.cnn(x)], "tables": [self.tab(tab)]}
+        parts = {"crops": [self.features(x)], "tables": [self.tab(tab)]}
         parts["both"] = parts["crops"] + parts["tables"]
         return self.head(torch.cat(parts[self.inputs], 1))
 
@@ -117,19 +147,32 @@ def main() -> None:
     parser.add_argument("--inputs", choices=("crops", "tables", "both"), default="both")
     parser.add_argument("--radiomics", choices=("full", "rank4", "off"), default="off")
     parser.add_argument("--norm", choices=tuple(NORMS), default="batch")
+    parser.add_argument(
+        "--channels",
+        choices=("ct", "mask", "both"),
+        default="ct",
+        help="what the crop shows: CT, the ground-truth lesion mask, or both (3 slices each)",
+    )
+    parser.add_argument(
+        "--pool", choices=("mean", "meanstd"), default="mean",
+        help="pool the CNN features by their spatial mean, or mean and standard deviation",
+    )  # fmt: skip
+    parser.add_argument("--side", type=int, default=SIDE, help="crop side, pixels")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()
     truth = json.loads(Path(args.truth).read_text())["patients"]
     t0 = time.perf_counter()
-    train, val = (load(args.shards, s, truth) for s in ("train", "val"))
+    train, val = (load(args.shards, s, truth, args.channels, args.side) for s in ("train", "val"))
     if args.radiomics == "off":
         train["tab"], val["tab"] = train["tab"][:, :N_SMALL], val["tab"][:, :N_SMALL]
     print(f"{len(train['x'])} train / {len(val['x'])} val annotated patients, {vars(args)}")
     torch.manual_seed(0)
     rank = 4 if args.radiomics == "rank4" else 0
-    model = Probe(args.inputs, train["tab"].shape[1], rank, args.norm)
+    model = Probe(
+        args.inputs, train["tab"].shape[1], rank, args.norm, train["x"].shape[1], args.pool
+    )
     opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=1e-3)
     n = len(train["x"])
     for epoch in range(args.epochs):

@@ -158,6 +158,11 @@ class ModelConfig:
     # (model/descriptors.py) of the predicted lesion mask to the imaging embedding
     lesion_reader: int = 0  # side (pixels) of the patient-level full-resolution lesion crop
     # read by a small CNN into its own fusion token (model/reader.py); 0 = off, else >= 8
+    lesion_reader_mask: bool = False  # the reader also sees the lesion mask of its slices
+    given_lesion_mask: bool = False  # the lesion views (encoders, reader, descriptors) read
+    # the lesion contour a patient comes with, at training and inference alike, and the
+    # segmentor's mask only where there is none (CT-only prediction: always). Off: the
+    # given contour only trains the segmentor and blends in during the warm-up
     radiomics_rank: int = 0  # > 0: the radiomics enter through a linear bottleneck of this
     # many dimensions with input dropout 0.5 (128 noisy columns over-fit a full MLP); 0 = MLP
     tabular_dropout: float = 0.0  # training-time chance to blank a patient's tabular token
@@ -185,6 +190,8 @@ class ModelConfig:
             raise ValueError("model.lesion_reader must be 0 (off) or >= 8 pixels")
         if self.radiomics_rank < 0:
             raise ValueError("model.radiomics_rank must be >= 0")
+        if self.lesion_reader_mask and not self.lesion_reader:
+            raise ValueError("model.lesion_reader_mask needs model.lesion_reader > 0")
         if self.lesion_patch < 0 or not 0 < self.lesion_patch_extent <= 1:
             raise ValueError("model.lesion_patch must be >= 0, lesion_patch_extent in (0, 1]")
         if self.tabular_hidden < 4 or self.pixel_encoder_width < 4:

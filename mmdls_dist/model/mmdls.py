@@ -81,7 +81,11 @@ class MMDLS(nn.Module):
                 self.lesion_refiner = EdgeRefiner()
             if cfg.lesion_reader:
                 self.reader = LesionReader(
-                    cfg.lesion_reader, cfg.pixel_encoder_width, e, cfg.dropout
+                    cfg.lesion_reader,
+                    cfg.pixel_encoder_width,
+                    e,
+                    cfg.dropout,
+                    with_mask=cfg.lesion_reader_mask,
                 )
         tabular = {}
         if cfg.use_clinical:
@@ -107,6 +111,12 @@ class MMDLS(nn.Module):
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 
+    def _lesion_gt_weight(self, batch: Batch, gt_weight: float) -> torch.Tensor:
+        """[B] weight of each patient's own lesion contour in its lesion views: gt_weight
+        (the warm-up) or, with model.given_lesion_mask, 1, for patients that have one."""
+        w = 1.0 if self.cfg.given_lesion_mask else gt_weight
+        return w * batch.lesion_annotated.float()
+
     def _view_masks(
         self,
         batch: Batch,
@@ -116,13 +126,14 @@ class MMDLS(nn.Module):
         gt_weight: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft masks that form the encoders' views: predictions, blended with ground truth
-        (weight gt_weight) where the patient has it, e.g. during a warm-up."""
+        (weight gt_weight) where the patient has it, e.g. during a warm-up; the lesion view
+        takes the given contour whole under model.given_lesion_mask."""
         size = lung_p.shape[-2:]
         gt_lung = F.adaptive_avg_pool2d(batch.lung_mask[valid].unsqueeze(1).float(), size)
         gt_lesion = F.adaptive_avg_pool2d(batch.lesion_mask[valid].unsqueeze(1).float(), size)
         lung_p = gt_weight * gt_lung + (1 - gt_weight) * lung_p
-        annotated = batch.lesion_annotated[:, None].expand_as(valid)[valid]
-        w = gt_weight * annotated.to(lesion_p.dtype)[:, None, None, None]
+        w_patient = self._lesion_gt_weight(batch, gt_weight)
+        w = w_patient[:, None].expand_as(valid)[valid].to(lesion_p.dtype)[:, None, None, None]
         return lung_p, w * gt_lesion + (1 - w) * lesion_p
 
     def _imaging(self, batch: Batch, gt_weight: float) -> dict[str, torch.Tensor]:
@@ -131,7 +142,7 @@ class MMDLS(nn.Module):
         x = (ct / 255.0 - CT_MEAN) / CT_STD
         seg = self.segmentor(x)
         lung_p, lesion_p = torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
-        if gt_weight > 0:
+        if gt_weight > 0 or self.cfg.given_lesion_mask:
             lung_p, lesion_p = self._view_masks(batch, valid, lung_p, lesion_p, gt_weight)
         space_p = lung_p * (1 - lesion_p)  # lung parenchyma around the lesion
         if self.cfg.encoder_input == "features":
@@ -167,17 +178,16 @@ class MMDLS(nn.Module):
 
     def _full_lesion_view(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):
         """The full-resolution soft lesion mask the descriptors and the reader see: the
-        prediction, blended with ground truth (annotated patients) during the warm-up."""
+        prediction, blended with the patient's own contour as the encoders' views are."""
         prob = torch.sigmoid(lesion_logits.float())
-        if gt_weight > 0:
-            w = gt_weight * batch.lesion_annotated.float()[:, None, None, None]
-            prob = w * batch.lesion_mask.float() + (1 - w) * prob
-        return prob
+        w = self._lesion_gt_weight(batch, gt_weight)[:, None, None, None]
+        return w * batch.lesion_mask.float() + (1 - w) * prob
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
         """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground
         truth masks into the encoders' views (training warm-up); 0 at inference, where only
-        CT and tables are read."""
+        CT and tables are read (and, under model.given_lesion_mask, the lesion contours
+        that come with the batch, flagged by lesion_annotated)."""
         if not 0.0 <= gt_mask_weight <= 1.0:
             raise ValueError(f"gt_mask_weight must be in [0, 1], got {gt_mask_weight}")
         imaging = self._imaging(batch, gt_mask_weight) if self.cfg.use_imaging else {}

@@ -66,13 +66,20 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class LesionReader(nn.Module):
-    """(normalised CT [B,S,H,W], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E]."""
+    """(normalised CT [B,S,H,W], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E].
 
-    def __init__(self, side: int, width: int, embed_dim: int, dropout: float):
+    with_mask: the crop also carries the lesion mask of its three slices (6 channels). The
+    mask states the boundary the CT blurs (a CNN given the ground-truth mask crop reads the
+    synthetic margin far better than one given the CT; bench/probe_crops.py --channels)."""
+
+    def __init__(
+        self, side: int, width: int, embed_dim: int, dropout: float, with_mask: bool = False
+    ):
         super().__init__()
         self.side = side
+        self.with_mask = with_mask
         self.convs = nn.Sequential(
-            _conv_bn_relu(3, 2 * width),
+            _conv_bn_relu(6 if with_mask else 3, 2 * width),
             _conv_bn_relu(2 * width, 2 * width),
             nn.MaxPool2d(2),
             _conv_bn_relu(2 * width, 4 * width),
@@ -84,6 +91,9 @@ class LesionReader(nn.Module):
     def forward(
         self, image: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
     ) -> torch.Tensor:
-        idx, centre = locate(lesion_prob.detach(), slice_mask)
-        x = self.convs(crop(image, idx, centre, self.side))
-        return self.proj(x.mean((2, 3)))
+        prob = lesion_prob.detach()
+        idx, centre = locate(prob, slice_mask)
+        x = crop(image, idx, centre, self.side)
+        if self.with_mask:
+            x = torch.cat([x, crop(prob, idx, centre, self.side)], dim=1)
+        return self.proj(self.convs(x).mean((2, 3)))

@@ -73,6 +73,7 @@ def test_overrides_apply_with_types():
         ("run.use_gpu=3", "run.use_gpu: expected bool, got int"),
         ("optim.epochs=0", "optim.epochs and optim.grad_accum must be >= 1"),
         ("model.encoder_input=voxels", "model.encoder_input must be one of"),
+        ("model.lesion_reader_mask=true", "model.lesion_reader_mask needs model.lesion_reader"),
         ("optim", "not of the form section.key=value"),
     ],
 )

@@ -20,6 +20,10 @@ def batch(shard_dir) -> Batch:
     return next(iter(make_loader(cfg, "train", "eval")))
 
 
+# The lesion views read the contour a patient comes with; the reader sees it as channels.
+GIVEN = {"lesion_reader": 16, "lesion_reader_mask": True, "given_lesion_mask": True}
+
+
 def _model(**overrides) -> MMDLS:
     torch.manual_seed(0)
     return MMDLS(ModelConfig(**{**TINY_MODEL, **overrides}))
@@ -64,6 +68,7 @@ def test_output_shapes(batch, encoder_input):
         {"lesion_patch": 8},
         {"lesion_descriptors": True, "lesion_refine": True},
         {"lesion_reader": 16, "radiomics_rank": 4},
+        {**GIVEN, "lesion_descriptors": True},
     ],
 )
 def test_gradient_reaches_every_parameter(batch, overrides):
@@ -90,6 +95,7 @@ def test_gradient_reaches_every_parameter(batch, overrides):
         {"lesion_patch": 8},
         {"lesion_descriptors": True, "lesion_refine": True},
         {"lesion_reader": 16},
+        {**GIVEN, "lesion_descriptors": True},
     ],
 )
 def test_padding_slices_changes_nothing(batch, overrides):
@@ -122,6 +128,32 @@ def test_ct_only_inference(batch):
     assert not torch.allclose(a.os_log_hazard, warm.os_log_hazard)  # warm-up does use masks
     with pytest.raises(ValueError, match="gt_mask_weight"):
         model(batch, gt_mask_weight=1.5)
+
+
+def test_given_lesion_masks_are_read_where_a_patient_has_one(batch):
+    """model.given_lesion_mask: at inference (gt_mask_weight=0) an annotated patient's
+    prediction follows its own contour; a patient without one gets the CT-only prediction,
+    whatever its (empty) mask slot holds. Off, the contour is not read at inference."""
+    annotated = torch.ones_like(batch.lesion_annotated)
+    annotated[0] = False
+    given = dataclasses.replace(batch, lesion_annotated=annotated)
+    masks = batch.masks.clone()
+    masks[:, 1] = 0  # every lesion contour erased
+    erased = dataclasses.replace(given, masks=masks)
+    ct_only = dataclasses.replace(given, lesion_annotated=torch.zeros_like(annotated))
+    for descriptors in (False, True):
+        model = _model(**GIVEN, lesion_descriptors=descriptors).eval()
+        with torch.no_grad():
+            a, b, c = model(given), model(erased), model(ct_only)
+        assert batch.lesion_mask[1:].flatten(1).sum(1).min() > 0  # the others have lesions
+        assert torch.equal(a.os_log_hazard[0], b.os_log_hazard[0])
+        assert torch.equal(a.os_log_hazard[0], c.os_log_hazard[0])
+        assert torch.all(a.os_log_hazard[1:] != b.os_log_hazard[1:])
+        assert torch.all(a.os_log_hazard[1:] != c.os_log_hazard[1:])
+        assert torch.equal(a.lesion_logits, b.lesion_logits)  # the segmentor reads CT only
+    off = _model(lesion_reader=16, lesion_reader_mask=True, lesion_descriptors=True).eval()
+    with torch.no_grad():
+        assert torch.equal(off(given).os_log_hazard, off(erased).os_log_hazard)
 
 
 def test_single_modality_switches(batch):
