@@ -1,0 +1,85 @@
+"""Probe: what a model trained with model.given_lesion_mask loses when the lesion contours
+are withheld (CT-only patients), on one split.
+
+    python bench/probe_contours.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON [--split val]
+
+Scores the checkpoint twice on the same patients: with the contours the shards carry, and
+with every patient flagged as unannotated (the segmentor's own lesion mask everywhere, as
+`mmdls predict` does for a CT-only folder). Prints Harrell's C (DFS, OS) of both next to
+the oracle (the generator's true linear predictor) on those patients. Used for issue #4's
+benchmark notes (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmdls_dist.inference import (  # noqa: E402
+    eval_loader,
+    inference_manifest,
+    load_model,
+    resolve_checkpoint,
+    training_normalization,
+)
+from mmdls_dist.metrics import harrell_cindex  # noqa: E402
+
+ENDPOINTS = ("dfs", "os")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("shards")
+    parser.add_argument("truth")
+    parser.add_argument("--split", default="val")
+    args = parser.parse_args()
+    truth = json.loads(Path(args.truth).read_text())["patients"]
+    loaded = load_model(resolve_checkpoint(args.checkpoint))
+    manifest = inference_manifest(args.shards, training_normalization(loaded.identity))
+    cols: dict[str, list] = {"pid": [], "annotated": []}
+    for e in ENDPOINTS:
+        for k in ("time", "event", "known", "given", "withheld"):
+            cols[f"{e}_{k}"] = []
+    with torch.no_grad():
+        for batch in eval_loader(loaded, args.shards, args.split, manifest, batch_size=8):
+            withheld = dataclasses.replace(
+                batch, lesion_annotated=torch.zeros_like(batch.lesion_annotated)
+            )
+            outs = {"given": loaded.model(batch), "withheld": loaded.model(withheld)}
+            cols["pid"] += batch.patient_id
+            cols["annotated"] += batch.lesion_annotated.tolist()
+            for e in ENDPOINTS:
+                cols[f"{e}_time"] += getattr(batch, f"{e}_time").tolist()
+                cols[f"{e}_event"] += getattr(batch, f"{e}_event").tolist()
+                cols[f"{e}_known"] += getattr(batch, f"{e}_known").tolist()
+                for name, out in outs.items():
+                    cols[f"{e}_{name}"] += getattr(out, f"{e}_log_hazard").tolist()
+    table = {k: np.asarray(v) for k, v in cols.items()}
+    n, annotated = len(table["pid"]), int(table["annotated"].sum())
+    print(f"{n} {args.split} patients ({annotated} with a lesion contour)")
+    print(f"{'':<28}{'C DFS':>8}{'C OS':>8}")
+    rows = {"oracle": None, "contours given": "given", "contours withheld": "withheld"}
+    for label, key in rows.items():
+        cells = []
+        for e in ENDPOINTS:
+            k = table[f"{e}_known"]
+            if key is None:
+                risk = np.array([truth[p][f"eta_{e}"] for p in table["pid"]])
+            else:
+                risk = table[f"{e}_{key}"]
+            c = harrell_cindex(risk[k], table[f"{e}_time"][k], table[f"{e}_event"][k])
+            cells.append(f"{c:8.3f}")
+        print(f"{label:<28}{''.join(cells)}")
+
+
+if __name__ == "__main__":
+    main()
