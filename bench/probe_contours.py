@@ -12,45 +12,31 @@ benchmark notes (README).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmdls_dist.inference import (  # noqa: E402
-    eval_loader,
-    inference_manifest,
-    load_model,
-    resolve_checkpoint,
-    training_normalization,
-)
+from probe_descriptors import checkpoint_probe  # noqa: E402
+
 from mmdls_dist.metrics import harrell_cindex  # noqa: E402
 
 ENDPOINTS = ("dfs", "os")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("shards")
-    parser.add_argument("truth")
-    parser.add_argument("--split", default="val")
-    args = parser.parse_args()
-    truth = json.loads(Path(args.truth).read_text())["patients"]
-    loaded = load_model(resolve_checkpoint(args.checkpoint))
-    manifest = inference_manifest(args.shards, training_normalization(loaded.identity))
+    args, truth, loaded, batches = checkpoint_probe(__doc__.split("\n\n")[0])
     cols: dict[str, list] = {"pid": [], "annotated": []}
     for e in ENDPOINTS:
         for k in ("time", "event", "known", "given", "withheld"):
             cols[f"{e}_{k}"] = []
     with torch.no_grad():
-        for batch in eval_loader(loaded, args.shards, args.split, manifest, batch_size=8):
+        for batch in batches:
             withheld = dataclasses.replace(
                 batch, lesion_annotated=torch.zeros_like(batch.lesion_annotated)
             )

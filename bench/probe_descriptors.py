@@ -33,19 +33,27 @@ from mmdls_dist.model.descriptors import measure  # noqa: E402
 TEXTURE, IRREGULARITY = 2, 3  # columns of measure()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
+def checkpoint_probe(description: str):
+    """The command line of the probes that score a trained checkpoint on one split of a
+    synthetic cohort -> (args, truth per patient, loaded model, the batches)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("checkpoint", help="run folder (its best checkpoint) or checkpoint")
     parser.add_argument("shards")
-    parser.add_argument("truth")
+    parser.add_argument("truth", help="the synthetic cohort's ground-truth JSON")
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
     truth = json.loads(Path(args.truth).read_text())["patients"]
     loaded = load_model(resolve_checkpoint(args.checkpoint))
     manifest = inference_manifest(args.shards, training_normalization(loaded.identity))
+    batches = eval_loader(loaded, args.shards, args.split, manifest, batch_size=8)
+    return args, truth, loaded, batches
+
+
+def main() -> None:
+    args, truth, loaded, batches = checkpoint_probe(__doc__.split("\n\n")[0])
     rows = []
     with torch.no_grad():
-        for batch in eval_loader(loaded, args.shards, args.split, manifest, batch_size=8):
+        for batch in batches:
             out = loaded.model(batch)
             ct = batch.ct.float() / 255
             pred = measure(ct, torch.sigmoid(out.lesion_logits.float()), batch.slice_mask)
