@@ -69,8 +69,7 @@ def supervised_cnn(train: dict, val: dict, epochs: int, seed: int = 0):
             # Margin and texture do not depend on orientation: flips and quarter turns.
             x = torch.rot90(train["x"][i], int(torch.randint(4, ())), (-2, -1))
             x = x.flip(-1) if torch.rand(()) < 0.5 else x
-            out = model.features(x) @ model.head.weight[:2].T + model.head.bias[:2]
-            loss = ((out - (target[i] - mean) / std) ** 2).mean()
+            loss = ((estimates(model, x) - (target[i] - mean) / std) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -82,10 +81,15 @@ def supervised_cnn(train: dict, val: dict, epochs: int, seed: int = 0):
     return predict(model, train["x"]), predict(model, val["x"])
 
 
+def estimates(model: Probe, x: torch.Tensor) -> torch.Tensor:
+    """The probe's first two outputs, read as (margin, texture); no tables involved."""
+    return model.head(model.features(x))[:, :2]
+
+
 @torch.no_grad()
 def predict(model: Probe, x: torch.Tensor) -> np.ndarray:
     model.eval()
-    return (model.features(x) @ model.head.weight[:2].T + model.head.bias[:2]).numpy()
+    return estimates(model, x).numpy()
 
 
 def cox_cindex(x_train, y_train, x_val, y_val, col: int) -> float:

@@ -111,6 +111,11 @@ class MMDLS(nn.Module):
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 
+    def _reads_contours(self, gt_weight: float) -> bool:
+        """Whether any given mask enters the views (else they are the predictions alone,
+        and the masks need not be unpacked)."""
+        return gt_weight > 0 or self.cfg.given_lesion_mask
+
     def _lesion_gt_weight(self, batch: Batch, gt_weight: float) -> torch.Tensor:
         """[B] weight of each patient's own lesion contour in its lesion views: gt_weight
         (the warm-up) or, with model.given_lesion_mask, 1, for patients that have one."""
@@ -129,9 +134,10 @@ class MMDLS(nn.Module):
         (weight gt_weight) where the patient has it, e.g. during a warm-up; the lesion view
         takes the given contour whole under model.given_lesion_mask."""
         size = lung_p.shape[-2:]
-        gt_lung = F.adaptive_avg_pool2d(batch.lung_mask[valid].unsqueeze(1).float(), size)
+        if gt_weight > 0:  # the lung view takes ground truth during the warm-up only
+            gt_lung = F.adaptive_avg_pool2d(batch.lung_mask[valid].unsqueeze(1).float(), size)
+            lung_p = gt_weight * gt_lung + (1 - gt_weight) * lung_p
         gt_lesion = F.adaptive_avg_pool2d(batch.lesion_mask[valid].unsqueeze(1).float(), size)
-        lung_p = gt_weight * gt_lung + (1 - gt_weight) * lung_p
         w_patient = self._lesion_gt_weight(batch, gt_weight)
         w = w_patient[:, None].expand_as(valid)[valid].to(lesion_p.dtype)[:, None, None, None]
         return lung_p, w * gt_lesion + (1 - w) * lesion_p
@@ -142,7 +148,7 @@ class MMDLS(nn.Module):
         x = (ct / 255.0 - CT_MEAN) / CT_STD
         seg = self.segmentor(x)
         lung_p, lesion_p = torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
-        if gt_weight > 0 or self.cfg.given_lesion_mask:
+        if self._reads_contours(gt_weight):
             lung_p, lesion_p = self._view_masks(batch, valid, lung_p, lesion_p, gt_weight)
         space_p = lung_p * (1 - lesion_p)  # lung parenchyma around the lesion
         if self.cfg.encoder_input == "features":
@@ -180,6 +186,8 @@ class MMDLS(nn.Module):
         """The full-resolution soft lesion mask the descriptors and the reader see: the
         prediction, blended with the patient's own contour as the encoders' views are."""
         prob = torch.sigmoid(lesion_logits.float())
+        if not self._reads_contours(gt_weight):
+            return prob
         w = self._lesion_gt_weight(batch, gt_weight)[:, None, None, None]
         return w * batch.lesion_mask.float() + (1 - w) * prob
 
