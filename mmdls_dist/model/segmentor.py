@@ -84,7 +84,12 @@ class ResNetEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Lesion tokens attend to lung tokens (pre-norm transformer block, residual)."""
+    """Lesion tokens attend to lung tokens (pre-norm transformer block, residual).
+
+    Needs a few bottleneck tokens to be more than a linear map: the bottleneck is the
+    stride-32 map, (H/32) x (W/32) tokens. At 32 px that is one key, softmax over one key is
+    constant, and the query path (norm_q) gets exactly zero gradient; 64 px gives 4 keys,
+    the 128 / 224 px presets 16 / 49."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()

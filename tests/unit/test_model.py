@@ -20,6 +20,17 @@ def batch(shard_dir) -> Batch:
     return next(iter(make_loader(cfg, "train", "eval")))
 
 
+@pytest.fixture(scope="module")
+def batch64(shard_dir) -> Batch:
+    """The same patients at 64 px: a 2 x 2 bottleneck, so the segmentor's cross-attention has
+    4 keys (at the shards' 32 px it has one, softmax over it is constant, and the query path
+    gets exactly no gradient)."""
+    cfg = DataConfig(
+        shards=str(shard_dir), batch_size=4, max_slices=6, num_workers=0, image_size=64
+    )
+    return next(iter(make_loader(cfg, "train", "eval")))
+
+
 # The lesion views read the contour a patient comes with; the reader sees it as channels.
 GIVEN = {"lesion_reader": 16, "lesion_reader_mask": True, "given_lesion_mask": True}
 
@@ -71,7 +82,8 @@ def test_output_shapes(batch, encoder_input):
         {**GIVEN, "lesion_descriptors": True},
     ],
 )
-def test_gradient_reaches_every_parameter(batch, overrides):
+def test_gradient_reaches_every_parameter(batch64, overrides):
+    batch = batch64
     model = _model(dropout=0.0, **overrides)
     out = model(batch, gt_mask_weight=0.5)
     loss = (
