@@ -135,7 +135,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes and switches of the MM-DLS network; every field is searchable by Tune."""
+    """Sizes and switches of the MM-DLS network; every field is searchable by Tune. The
+    defaults are the recommended model; presets set its sizes."""
 
     widths: tuple[int, ...] = (16, 32, 64, 128)  # ResNet encoder channels per stage (4 stages)
     blocks_per_stage: int = 1  # residual blocks per encoder stage, 1..4
@@ -146,27 +147,19 @@ class ModelConfig:
     fusion_layers: int = 1  # transformer layers over slices, 0..4
     tabular_hidden: int = 64  # hidden width of the clinical / PET / radiomics MLPs
     dropout: float = 0.1  # dropout in fusion and heads, [0, 0.9)
-    encoder_input: str = "features"  # "features": mask-weighted pooling of segmentor maps;
-    # "pixels": re-encode the masked CT with conv encoders (the original's LesionEncoder)
-    pixel_encoder_width: int = 16  # channels of the "pixels" encoders, >= 4
-    lesion_patch: int = 0  # side (pixels) of a full-resolution lesion patch encoder added to
-    # the lesion view; 0 = off
-    lesion_patch_extent: float = 0.25  # patch side as a fraction of the slice, (0, 1]
-    patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
-    lesion_refine: bool = False  # full-resolution edge refinement of the lesion mask
-    lesion_descriptors: bool = False  # add measured lesion shape / texture descriptors
-    # (model/descriptors.py) of the predicted lesion mask to the imaging embedding
-    lesion_reader: int = 0  # side (pixels) of the patient-level full-resolution lesion crop
+    lesion_reader: int = 48  # side (pixels) of the patient-level full-resolution lesion crop
     # read by a small CNN into its own fusion token (model/reader.py); 0 = off, else >= 8
-    lesion_reader_mask: bool = False  # the reader also sees the lesion mask of its slices
-    given_lesion_mask: bool = False  # the lesion views (encoders, reader, descriptors) read
-    # the lesion contour a patient comes with, at training and inference alike, and the
-    # segmentor's mask only where there is none (CT-only prediction: always). Off: the
-    # given contour only trains the segmentor and blends in during the warm-up
-    radiomics_rank: int = 0  # > 0: the radiomics enter through a linear bottleneck of this
+    lesion_reader_mask: bool = True  # the reader also sees the lesion mask of its slices
+    reader_width: int = 16  # channels of the lesion reader's first layers (x2, then x4), >= 4
+    lesion_descriptors: bool = True  # measured lesion shape / texture descriptors of the
+    # lesion mask as one more fusion token (model/descriptors.py)
+    given_lesion_mask: bool = True  # the lesion views read the lesion contour a patient
+    # comes with, at training and inference alike, and the segmentor's mask only where
+    # there is none (CT-only prediction: always). Off: the given contour only trains the
+    # segmentor and blends in during the warm-up
+    radiomics_rank: int = 4  # > 0: the radiomics enter through a linear bottleneck of this
     # many dimensions with input dropout 0.5 (128 noisy columns over-fit a full MLP); 0 = MLP
-    tabular_dropout: float = 0.0  # training-time chance to blank a patient's tabular token
-    # (per modality), so the imaging path must carry the tasks too; [0, 1)
+    patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
     survival_sees_classification: bool = True  # survival heads get soft histology/stage
     use_imaging: bool = True  # CT branch (segmentor + encoders + slice fusion)
     use_radiomics: bool = True
@@ -190,17 +183,10 @@ class ModelConfig:
             raise ValueError("model.lesion_reader must be 0 (off) or >= 8 pixels")
         if self.radiomics_rank < 0:
             raise ValueError("model.radiomics_rank must be >= 0")
-        if self.lesion_reader_mask and not self.lesion_reader:
-            raise ValueError("model.lesion_reader_mask needs model.lesion_reader > 0")
-        if self.lesion_patch < 0 or not 0 < self.lesion_patch_extent <= 1:
-            raise ValueError("model.lesion_patch must be >= 0, lesion_patch_extent in (0, 1]")
-        if self.tabular_hidden < 4 or self.pixel_encoder_width < 4:
-            raise ValueError("model.tabular_hidden and model.pixel_encoder_width must be >= 4")
-        if not 0.0 <= self.tabular_dropout < 1.0:
-            raise ValueError("model.tabular_dropout must be in [0, 1)")
+        if self.tabular_hidden < 4 or self.reader_width < 4:
+            raise ValueError("model.tabular_hidden and model.reader_width must be >= 4")
         if not 0.0 <= self.dropout < 0.9:
             raise ValueError("model.dropout must be in [0, 0.9)")
-        _choice("model.encoder_input", self.encoder_input, ("features", "pixels"))
         _choice("model.patient_fusion", self.patient_fusion, ("attention", "concat"))
         if not (self.use_imaging or self.use_radiomics or self.use_pet or self.use_clinical):
             raise ValueError(
@@ -222,7 +208,6 @@ class LossConfig:
     weighting: str = "fixed"  # "fixed" or "uncertainty" (learned, Kendall et al. 2018)
     cox_ties: str = "efron"  # "efron" or "breslow"
     dice_smooth: float = 1.0  # soft-Dice smoothing (pixels), > 0
-    lesion_boundary_weight: float = 0.0  # extra BCE weight of lesion boundary pixels, >= 0
 
     def __post_init__(self) -> None:
         for name in ("w_seg_lung", "w_seg_lesion", "w_histology", "w_stage", "w_dfs", "w_os"):
@@ -232,8 +217,6 @@ class LossConfig:
         _choice("loss.cox_ties", self.cox_ties, ("efron", "breslow"))
         if self.dice_smooth <= 0:
             raise ValueError("loss.dice_smooth must be > 0")
-        if self.lesion_boundary_weight < 0:
-            raise ValueError("loss.lesion_boundary_weight must be >= 0")
 
     def task_weights(self) -> dict[str, float]:
         """Loss-term name -> fixed weight (the names LossOutput.parts uses)."""

@@ -19,7 +19,7 @@ from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from mmdls_dist.config import LossConfig
 from mmdls_dist.data.schema import Batch
-from mmdls_dist.model.mmdls import ModelOutput
+from mmdls_dist.model.output import ModelOutput
 
 Gather = Callable[..., tuple[list[torch.Tensor], int]]
 
@@ -37,15 +37,12 @@ def dice_bce_loss(
     slice_mask: torch.Tensor,
     include: torch.Tensor,
     smooth: float = 1.0,
-    boundary_weight: float = 0.0,
 ) -> torch.Tensor:
     """Soft-Dice + BCE per patient over its real slices, mean over included patients.
 
     logits [B,S,H,W], target [B,S,H,W] in {0,1}, slice_mask [B,S] bool, include [B] bool.
     Dice per patient: 1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid.
-    BCE per patient: mean over the pixels of its real slices; with boundary_weight w > 0,
-    pixels within 1 pixel of the target's boundary count (1 + w) times (a spiculated margin
-    is a few boundary pixels that Dice and plain BCE barely notice).
+    BCE per patient: mean over the pixels of its real slices.
     """
     if not include.any():
         return _zero(logits)
@@ -56,18 +53,8 @@ def dice_bce_loss(
     inter = (p * t).sum((1, 2, 3))
     dice = 1 - (2 * inter + smooth) / (p.sum((1, 2, 3)) + t.sum((1, 2, 3)) + smooth)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * m
-    if boundary_weight > 0:
-        bce = bce * (1 + boundary_weight * _boundary(target))
     pixels = m.sum((1, 2, 3)) * logits.shape[-1] * logits.shape[-2]
     return (dice + bce.sum((1, 2, 3)) / pixels).mean()
-
-
-def _boundary(target: torch.Tensor) -> torch.Tensor:
-    """[B,S,H,W] {0,1} -> 1 on pixels whose 3x3 neighbourhood holds both classes."""
-    flat = target.flatten(0, 1)[:, None]
-    dilated = F.max_pool2d(flat, 3, 1, 1)
-    eroded = -F.max_pool2d(-flat, 3, 1, 1)
-    return (dilated - eroded)[:, 0].view_as(target)
 
 
 def histology_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -201,7 +188,6 @@ def compute_losses(
             batch.slice_mask,
             batch.lesion_annotated,
             cfg.dice_smooth,
-            cfg.lesion_boundary_weight,
         )
         counts["seg_lung"] = len(batch)
         counts["seg_lesion"] = int(batch.lesion_annotated.sum())

@@ -19,7 +19,8 @@ TINY_MODEL = dict(
     embed_dim=16,
     fusion_heads=2,
     tabular_hidden=16,
-    pixel_encoder_width=4,
+    lesion_reader=16,
+    reader_width=4,
 )
 
 # The shared synthetic cohort of the session fixtures (tests/conftest.py).
@@ -108,6 +109,8 @@ TINY_TRAIN = [
     "model.embed_dim=16",
     "model.fusion_heads=2",
     "model.tabular_hidden=16",
+    "model.lesion_reader=16",
+    "model.reader_width=4",
     "run.checkpoints_to_keep=0",
     "run.max_failures=2",
     "run.overlays=2",

@@ -5,9 +5,9 @@ radiomics measures them as shape and texture features. Learned end to end from a
 on a few hundred patients, the CNN views did not pick these up (issue #4's benchmark); the
 same quantities measured directly on the mask do (Spearman 0.84 with the synthetic margin,
 0.79 with texture, on ground-truth masks). So this module measures them on the largest
-lesion slice of the *predicted* mask (ground truth blended in during the warm-up, like
-the encoders' views) and hands them to the patient fusion. They are measurements, not
-learned: no gradient flows back into the mask through them.
+lesion slice of the mask the views read (model/views.py MaskPolicy: the given contour
+where there is one, else the prediction) and hands them to the patient fusion as a token.
+They are measurements, not learned: no gradient flows back into the mask through them.
 
 Features per patient [B, 8]:
   present      a lesion of >= MIN_AREA pixels was found (all others are 0 when not)
@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+from mmdls_dist.model.layers import token_net
 
 N_DESCRIPTORS = 8
 MIN_AREA = 5  # pixels: below this the mask is noise, not a lesion
@@ -87,18 +89,20 @@ def _masked_std(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 class LesionDescriptors(nn.Module):
-    """Measured descriptors -> (values [B,8] standardised, missing [B,8]) for the patient
-    fusion, which embeds them as one more tabular-style token (the path that demonstrably
-    learns from a handful of informative columns). Standardised with running batch
-    statistics (no learned affine): the raw scales differ by an order of magnitude and
-    depend on the image size. A patient without a found lesion has every value missing."""
+    """(CT [B,S,H,W] in [0,1], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E]: the
+    measured descriptors as one patient-fusion token, built like a table row (values and
+    missing flags through a small MLP: the path that demonstrably learns from a handful of
+    informative columns). Standardised with running batch statistics (no learned affine):
+    the raw scales differ by an order of magnitude and depend on the image size. A patient
+    without a found lesion has every value missing."""
 
-    def __init__(self):
+    def __init__(self, embed_dim: int, hidden: int, dropout: float):
         super().__init__()
         self.norm = nn.BatchNorm1d(N_DESCRIPTORS, affine=False, momentum=0.01)
+        self.token = token_net(2 * N_DESCRIPTORS, hidden, embed_dim, dropout)
 
-    def forward(self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
-        raw = measure(ct, lesion_prob, slice_mask)
+    def standardised(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,8] measurements -> (values [B,8] standardised, 0 where missing; missing [B,8])."""
         missing = (raw[:, :1] == 0).expand_as(raw)
         if self.training and raw.shape[0] == 1:
             # Batch statistics of one patient are undefined: use the running ones, so the
@@ -109,3 +113,9 @@ class LesionDescriptors(nn.Module):
         else:
             values = self.norm(raw)
         return torch.where(missing, torch.zeros_like(values), values), missing
+
+    def forward(
+        self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
+    ) -> torch.Tensor:
+        values, missing = self.standardised(measure(ct, lesion_prob, slice_mask))
+        return self.token(torch.cat([values, missing.to(values.dtype)], dim=1))

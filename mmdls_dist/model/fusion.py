@@ -1,4 +1,5 @@
-"""Attention fusion over slices (LesionAttentionFusion) and over modalities (patient level)."""
+"""Attention fusion over slices (the publication's LesionAttentionFusion) and over modalities
+(the patient-level fusion of PatientLevelFusionModel)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from mmdls_dist.model.encoders import mlp
+from mmdls_dist.model.layers import mlp, token_net
 
 
 def slice_positions(slice_mask: torch.Tensor, n_freq: int = 4) -> torch.Tensor:
@@ -55,13 +56,12 @@ class SliceFusion(nn.Module):
 
 
 class PatientFusion(nn.Module):
-    """Imaging vector + tabular modalities (each with its missing-indicators) -> [B,E].
+    """Imaging tokens [B,E] + tabular modalities (each with its missing-indicators) -> [B,E].
 
     "attention": one token per modality (plus a type embedding), a transformer layer, mean;
     "concat": concatenation and an MLP. Switched-off modalities are simply absent.
-    Imaging brings n_imaging tokens (the slice-fused vector, and the lesion reader's).
-    A tabular input listed in `ranks` first goes through input dropout 0.5 and a linear
-    bottleneck of that many dimensions (for wide, noisy inputs such as 128 radiomics).
+    A tabular input listed in `ranks` enters through a linear bottleneck of that rank
+    (layers.token_net).
     """
 
     def __init__(
@@ -73,18 +73,14 @@ class PatientFusion(nn.Module):
         variant: str,
         heads: int,
         dropout: float,
-        tabular_dropout: float = 0.0,
-        keep_always: tuple[str, ...] = (),
         ranks: dict[str, int] | None = None,
     ):
         super().__init__()
         self.variant = variant
-        self.tabular_dropout = tabular_dropout
-        self.keep_always = keep_always  # tokens tabular dropout never blanks (imaging ones)
         ranks = ranks or {}
         self.tabular = nn.ModuleDict(
             {
-                name: _token_net(2 * width, hidden, dim, dropout, ranks.get(name, 0))
+                name: token_net(2 * width, hidden, dim, dropout, ranks.get(name, 0))
                 for name, width in tabular_inputs.items()
             }
         )
@@ -105,56 +101,8 @@ class PatientFusion(nn.Module):
         tokens = list(imaging)
         for name, net in self.tabular.items():
             values, missing = tabular[name]
-            token = net(torch.cat([values, missing.to(values.dtype)], dim=1))
-            if self.training and self.tabular_dropout > 0 and name not in self.keep_always:
-                keep = torch.rand(token.shape[0], 1, device=token.device) >= self.tabular_dropout
-                token = token * keep.to(token.dtype)
-            tokens.append(token)
+            tokens.append(net(torch.cat([values, missing.to(values.dtype)], dim=1)))
         if self.variant == "attention":
             x = torch.stack(tokens, dim=1) + self.type_embed
             return self.out(self.mix(x).mean(1))
         return self.out(torch.cat(tokens, dim=1))
-
-
-def _token_net(width: int, hidden: int, dim: int, dropout: float, rank: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    if rank:
-        layers = [nn.Dropout(0.5), nn.Linear(width, rank)]
-        width = rank
-    layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)]
-    return nn.Sequential(*layers)
-
-
-class TaskHeads(nn.Module):
-    """Patient vector [B,E] -> histology logit [B], stage logits [B,3], DFS / OS log-hazards.
-
-    With `hierarchical`, the survival heads also see an embedding of the soft histology and
-    stage predictions, as the original hierarchical model feeds them forward.
-    """
-
-    def __init__(self, dim: int, dropout: float, hierarchical: bool):
-        super().__init__()
-        self.hierarchical = hierarchical
-        self.drop = nn.Dropout(dropout)
-        self.histology = nn.Linear(dim, 1)
-        self.stage = nn.Linear(dim, 3)
-        extra = 16 if hierarchical else 0
-        if hierarchical:
-            self.soft = nn.Sequential(nn.Linear(4, extra), nn.GELU())
-        self.dfs = nn.Linear(dim + extra, 1)
-        self.os = nn.Linear(dim + extra, 1)
-
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.drop(h)
-        histology = self.histology(h)
-        stage = self.stage(h)
-        s = h
-        if self.hierarchical:
-            probs = torch.cat([torch.sigmoid(histology), torch.softmax(stage, dim=1)], dim=1)
-            s = torch.cat([h, self.soft(probs)], dim=1)
-        return {
-            "histology_logit": histology[:, 0],
-            "stage_logits": stage,
-            "dfs_log_hazard": self.dfs(s)[:, 0],
-            "os_log_hazard": self.os(s)[:, 0],
-        }

@@ -1,12 +1,16 @@
-"""MM-DLS as one network: segmentor -> lesion / lung-space encoders -> slice fusion ->
-patient fusion with radiomics, PET and clinical data -> task heads. Trained end to end.
+"""MM-DLS as one network: segmentor -> slice views -> slice fusion, patient-level lesion
+views -> patient fusion with radiomics, PET and clinical data -> task heads. Trained end to
+end.
+
+The imaging branch is built from declared parts: every slice view (views.py) states its
+`out_dim`, so the slice token's width follows from the list; every patient-level lesion
+view is one more [B,E] fusion token, so the number of imaging tokens follows too. Adding a
+view is one module and one line below.
 
 Shapes: B patients, S slice slots, N = real slices in the batch, H x W pixels, E embed_dim.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -14,27 +18,46 @@ from torch import nn
 
 from mmdls_dist.config import ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
-from mmdls_dist.model.descriptors import N_DESCRIPTORS, LesionDescriptors
-from mmdls_dist.model.encoders import LesionPatchEncoder, MaskPoolEncoder, PixelEncoder
-from mmdls_dist.model.fusion import PatientFusion, SliceFusion, TaskHeads
+from mmdls_dist.model.descriptors import LesionDescriptors
+from mmdls_dist.model.fusion import PatientFusion, SliceFusion
+from mmdls_dist.model.heads import TaskHeads
+from mmdls_dist.model.layers import normalise_ct
+from mmdls_dist.model.output import PAD_LOGIT, ModelOutput
 from mmdls_dist.model.reader import LesionReader
-from mmdls_dist.model.segmentor import EdgeRefiner, Segmentor
-
-PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
-CT_MEAN, CT_STD = 0.5, 0.25  # of ct / 255; a fixed affine map, so no data statistics needed
+from mmdls_dist.model.segmentor import LungLesionSegmentor
+from mmdls_dist.model.views import LesionEncoder, MaskPolicy, SliceContext, SpaceEncoder
 
 
-@dataclass
-class ModelOutput:
-    """What the network predicts for a Batch."""
+def slice_views(cfg: ModelConfig) -> dict[str, nn.Module]:
+    """Per-slice views: SliceContext -> [N, out_dim] each, concatenated into the slice token."""
+    e, d, c = cfg.embed_dim, cfg.decoder_width, cfg.widths[2]
+    return {
+        "lesion": LesionEncoder(d, c, e, cfg.dropout),
+        "space": SpaceEncoder(d, c, e, cfg.dropout),
+    }
 
-    histology_logit: torch.Tensor  # [B] logit of LUSC
-    stage_logits: torch.Tensor  # [B,3] I-II / III / IV
-    dfs_log_hazard: torch.Tensor  # [B] Cox log relative hazard
-    os_log_hazard: torch.Tensor  # [B]
-    lung_logits: torch.Tensor | None = None  # [B,S,H,W]; PAD_LOGIT on padded slices
-    lesion_logits: torch.Tensor | None = None  # [B,S,H,W]
-    slice_weights: torch.Tensor | None = None  # [B,S] attention pooling weights (0 on padding)
+
+def lesion_views(cfg: ModelConfig) -> dict[str, nn.Module]:
+    """Patient-level views of the full-resolution lesion: (CT [B,S,H,W] in [0,1], soft lesion
+    mask [B,S,H,W], slice_mask [B,S]) -> one [B,E] patient-fusion token each."""
+    views: dict[str, nn.Module] = {}
+    if cfg.lesion_reader:
+        views["reader"] = LesionReader(
+            cfg.lesion_reader, cfg.reader_width, cfg.embed_dim, cfg.dropout, cfg.lesion_reader_mask
+        )
+    if cfg.lesion_descriptors:
+        views["descriptors"] = LesionDescriptors(cfg.embed_dim, cfg.tabular_hidden, cfg.dropout)
+    return views
+
+
+def tabular_inputs(cfg: ModelConfig) -> dict[str, int]:
+    """The table modalities switched on -> their feature counts."""
+    widths = {
+        "clinical": (cfg.use_clinical, len(CLINICAL_FEATURES)),
+        "pet": (cfg.use_pet, len(PET_FEATURES)),
+        "radiomics": (cfg.use_radiomics, N_RADIOMICS),
+    }
+    return {name: width for name, (on, width) in widths.items() if on}
 
 
 def _scatter(values: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -43,7 +66,9 @@ def _scatter(values: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> to
     return out.index_put((valid,), values)
 
 
-DESCRIPTOR_TOKEN = "lesion"  # the measured lesion descriptors' token in the patient fusion
+def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    """[N,1,h,w] quarter-resolution logits -> [N,H,W] at the input size."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 class MMDLS(nn.Module):
@@ -51,165 +76,70 @@ class MMDLS(nn.Module):
         super().__init__()
         self.cfg = cfg
         e = cfg.embed_dim
+        n_imaging = 0
         if cfg.use_imaging:
-            self.segmentor = Segmentor(
+            self.segmentor = LungLesionSegmentor(
                 cfg.widths, cfg.blocks_per_stage, cfg.decoder_width, cfg.cross_attention_heads
             )
-            if cfg.encoder_input == "features":
-                self.lesion_encoder = MaskPoolEncoder(
-                    cfg.decoder_width, cfg.widths[2], e, cfg.dropout
-                )
-                self.space_encoder = MaskPoolEncoder(
-                    cfg.decoder_width, cfg.widths[2], e, cfg.dropout
-                )
-            else:
-                self.lesion_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
-                self.space_encoder = PixelEncoder(cfg.pixel_encoder_width, e, cfg.dropout)
-            if cfg.lesion_patch:
-                self.patch_encoder = LesionPatchEncoder(
-                    cfg.lesion_patch,
-                    cfg.lesion_patch_extent,
-                    cfg.pixel_encoder_width,
-                    e,
-                    cfg.dropout,
-                )
-            self.slice_token = nn.Linear((3 if cfg.lesion_patch else 2) * e, e)
+            self.slice_views = nn.ModuleDict(slice_views(cfg))
+            width = sum(view.out_dim for view in self.slice_views.values())
+            self.slice_token = nn.Linear(width, e)
             self.slice_fusion = SliceFusion(e, cfg.fusion_heads, cfg.fusion_layers, cfg.dropout)
-            if cfg.lesion_descriptors:
-                self.descriptors = LesionDescriptors()
-            if cfg.lesion_refine:
-                self.lesion_refiner = EdgeRefiner()
-            if cfg.lesion_reader:
-                self.reader = LesionReader(
-                    cfg.lesion_reader,
-                    cfg.pixel_encoder_width,
-                    e,
-                    cfg.dropout,
-                    with_mask=cfg.lesion_reader_mask,
-                )
-        tabular = {}
-        if cfg.use_clinical:
-            tabular["clinical"] = len(CLINICAL_FEATURES)
-        if cfg.use_pet:
-            tabular["pet"] = len(PET_FEATURES)
-        if cfg.use_radiomics:
-            tabular["radiomics"] = N_RADIOMICS
-        if cfg.use_imaging and cfg.lesion_descriptors:
-            tabular[DESCRIPTOR_TOKEN] = N_DESCRIPTORS
-        n_imaging = int(cfg.use_imaging) * (1 + int(cfg.lesion_reader > 0))
+            self.lesion_views = nn.ModuleDict(lesion_views(cfg))
+            n_imaging = 1 + len(self.lesion_views)
         self.patient_fusion = PatientFusion(
             e,
-            tabular,
+            tabular_inputs(cfg),
             n_imaging,
             cfg.tabular_hidden,
             cfg.patient_fusion,
             cfg.fusion_heads,
             cfg.dropout,
-            cfg.tabular_dropout,
-            keep_always=(DESCRIPTOR_TOKEN,),
             ranks={"radiomics": cfg.radiomics_rank},
         )
         self.heads = TaskHeads(e, cfg.dropout, cfg.survival_sees_classification)
 
-    def _reads_contours(self, gt_weight: float) -> bool:
-        """Whether any given mask enters the views (else they are the predictions alone,
-        and the masks need not be unpacked)."""
-        return gt_weight > 0 or self.cfg.given_lesion_mask
-
-    def _lesion_gt_weight(self, batch: Batch, gt_weight: float) -> torch.Tensor:
-        """[B] weight of each patient's own lesion contour in its lesion views: gt_weight
-        (the warm-up) or, with model.given_lesion_mask, 1, for patients that have one."""
-        w = 1.0 if self.cfg.given_lesion_mask else gt_weight
-        return w * batch.lesion_annotated.float()
-
-    def _view_masks(
-        self,
-        batch: Batch,
-        valid: torch.Tensor,
-        lung_p: torch.Tensor,
-        lesion_p: torch.Tensor,
-        gt_weight: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft masks that form the encoders' views: predictions, blended with ground truth
-        (weight gt_weight) where the patient has it, e.g. during a warm-up; the lesion view
-        takes the given contour whole under model.given_lesion_mask."""
-        size = lung_p.shape[-2:]
-        if gt_weight > 0:  # the lung view takes ground truth during the warm-up only
-            gt_lung = F.adaptive_avg_pool2d(batch.lung_mask[valid].unsqueeze(1).float(), size)
-            lung_p = gt_weight * gt_lung + (1 - gt_weight) * lung_p
-        gt_lesion = F.adaptive_avg_pool2d(batch.lesion_mask[valid].unsqueeze(1).float(), size)
-        w_patient = self._lesion_gt_weight(batch, gt_weight)
-        w = w_patient[:, None].expand_as(valid)[valid].to(lesion_p.dtype)[:, None, None, None]
-        return lung_p, w * gt_lesion + (1 - w) * lesion_p
-
-    def _imaging(self, batch: Batch, gt_weight: float) -> dict[str, torch.Tensor]:
+    def _imaging(self, batch: Batch, policy: MaskPolicy):
+        """-> (imaging tokens [B,E] each, segmentation fields of ModelOutput)."""
         valid = batch.slice_mask
-        ct = batch.ct[valid].unsqueeze(1).float()  # [N,1,H,W]: uint8 -> float on the device
-        x = (ct / 255.0 - CT_MEAN) / CT_STD
-        seg = self.segmentor(x)
-        lung_p, lesion_p = torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
-        if self._reads_contours(gt_weight):
-            lung_p, lesion_p = self._view_masks(batch, valid, lung_p, lesion_p, gt_weight)
-        space_p = lung_p * (1 - lesion_p)  # lung parenchyma around the lesion
-        if self.cfg.encoder_input == "features":
-            lesion = self.lesion_encoder(seg.lesion_features, seg.features[2], lesion_p)
-            space = self.space_encoder(seg.lung_features, seg.features[2], space_p)
-        else:
-            full = x.shape[-2:]
-            lesion = self.lesion_encoder(x, F.interpolate(lesion_p, size=full, mode="bilinear"))
-            space = self.space_encoder(x, F.interpolate(space_p, size=full, mode="bilinear"))
-        views = [lesion, space]
-        if self.cfg.lesion_patch:
-            views.append(self.patch_encoder(x, lesion_p))
-        tokens = _scatter(self.slice_token(torch.cat(views, dim=1)), valid)
-        imaging, weights = self.slice_fusion(tokens, valid)
-        full = batch.ct.shape[-2:]
-        logits = {}
-        for name, small in (("lung_logits", seg.lung_logits), ("lesion_logits", seg.lesion_logits)):
-            up = F.interpolate(small, size=full, mode="bilinear", align_corners=False)
-            if name == "lesion_logits" and self.cfg.lesion_refine:
-                up = self.lesion_refiner(x, up)
-            logits[name] = _scatter(up[:, 0], valid, PAD_LOGIT)
-        out = {"imaging": [imaging], "slice_weights": weights, **logits}
-        if self.cfg.lesion_descriptors or self.cfg.lesion_reader:
-            # Both read the whole [B,S,H,W] volume: convert it once.
-            ct = batch.ct.float() / 255.0
-            prob = self._full_lesion_view(batch, logits["lesion_logits"], gt_weight)
-        if self.cfg.lesion_reader:
-            image = (ct - CT_MEAN) / CT_STD
-            out["imaging"].append(self.reader(image, prob, batch.slice_mask))
-        if self.cfg.lesion_descriptors:
-            out[DESCRIPTOR_TOKEN] = self.descriptors(ct, prob, batch.slice_mask)
-        return out
-
-    def _full_lesion_view(self, batch: Batch, lesion_logits: torch.Tensor, gt_weight: float):
-        """The full-resolution soft lesion mask the descriptors and the reader see: the
-        prediction, blended with the patient's own contour as the encoders' views are."""
-        prob = torch.sigmoid(lesion_logits.float())
-        if not self._reads_contours(gt_weight):
-            return prob
-        w = self._lesion_gt_weight(batch, gt_weight)[:, None, None, None]
-        return w * batch.lesion_mask.float() + (1 - w) * prob
+        ct = batch.ct.float() / 255.0  # [B,S,H,W]: uint8 -> float on the device, once
+        image = normalise_ct(ct[valid]).unsqueeze(1)  # [N,1,H,W]
+        seg = self.segmentor(image)
+        lung, lesion = policy.slice_masks(
+            torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
+        )
+        context = SliceContext(image, seg, lung, lesion)
+        views = torch.cat([view(context) for view in self.slice_views.values()], dim=1)
+        imaging, weights = self.slice_fusion(_scatter(self.slice_token(views), valid), valid)
+        lung_logits, lesion_logits = (
+            _scatter(_upsample(small, batch.ct.shape[-2:]), valid, PAD_LOGIT)
+            for small in (seg.lung_logits, seg.lesion_logits)
+        )
+        tokens = [imaging]
+        if self.lesion_views:
+            prob = policy.full_lesion(lesion_logits)
+            tokens += [view(ct, prob, valid) for view in self.lesion_views.values()]
+        return tokens, {
+            "lung_logits": lung_logits,
+            "lesion_logits": lesion_logits,
+            "slice_weights": weights,
+        }
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
         """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground
-        truth masks into the encoders' views (training warm-up); 0 at inference, where only
-        CT and tables are read (and, under model.given_lesion_mask, the lesion contours
-        that come with the batch, flagged by lesion_annotated)."""
+        truth masks into the views (training warm-up); 0 at inference, where only CT and
+        tables are read, and the lesion contours that come with the batch (flagged by
+        lesion_annotated) when model.given_lesion_mask is on (views.MaskPolicy)."""
         if not 0.0 <= gt_mask_weight <= 1.0:
             raise ValueError(f"gt_mask_weight must be in [0, 1], got {gt_mask_weight}")
-        imaging = self._imaging(batch, gt_mask_weight) if self.cfg.use_imaging else {}
-        tabular = {
+        tokens, segmentation = [], {}
+        if self.cfg.use_imaging:
+            policy = MaskPolicy(batch, gt_mask_weight, self.cfg.given_lesion_mask)
+            tokens, segmentation = self._imaging(batch, policy)
+        tables = {
             "clinical": (batch.clinical, batch.clinical_missing),
             "pet": (batch.pet, batch.pet_missing),
             "radiomics": (batch.radiomics, batch.radiomics_missing),
         }
-        if DESCRIPTOR_TOKEN in imaging:
-            tabular[DESCRIPTOR_TOKEN] = imaging[DESCRIPTOR_TOKEN]
-        h = self.patient_fusion(imaging.get("imaging", []), tabular)
-        return ModelOutput(
-            **self.heads(h),
-            lung_logits=imaging.get("lung_logits"),
-            lesion_logits=imaging.get("lesion_logits"),
-            slice_weights=imaging.get("slice_weights"),
-        )
+        h = self.patient_fusion(tokens, tables)
+        return ModelOutput(**self.heads(h), **segmentation)

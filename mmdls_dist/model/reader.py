@@ -27,7 +27,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from mmdls_dist.model.encoders import EPS, soft_centroid
+from mmdls_dist.model.layers import normalise_ct
+
+EPS = 1e-4
+
+
+def soft_centroid(mask: torch.Tensor) -> torch.Tensor:
+    """mask [N,h,w] soft weights -> [N,2] weighted centroid (x, y) in affine_grid's
+    align_corners=False coordinates (pixel centres). An empty mask gives (0, 0)."""
+    h, w = mask.shape[-2:]
+    total = mask.sum((1, 2)) + EPS
+    ys = (torch.arange(h, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / h - 1
+    xs = (torch.arange(w, device=mask.device, dtype=mask.dtype) + 0.5) * 2 / w - 1
+    return torch.stack([(mask.sum(1) * xs).sum(1), (mask.sum(2) * ys).sum(1)], 1) / total[:, None]
 
 
 @torch.no_grad()
@@ -66,7 +78,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class LesionReader(nn.Module):
-    """(normalised CT [B,S,H,W], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E].
+    """(CT [B,S,H,W] in [0,1], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E].
 
     with_mask: the crop also carries the lesion mask of its three slices (6 channels). The
     mask states the boundary the CT blurs (a CNN given the ground-truth mask crop reads the
@@ -89,11 +101,11 @@ class LesionReader(nn.Module):
         self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, embed_dim))
 
     def forward(
-        self, image: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
+        self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
     ) -> torch.Tensor:
         prob = lesion_prob.detach()
         idx, centre = locate(prob, slice_mask)
-        x = crop(image, idx, centre, self.side)
+        x = crop(normalise_ct(ct), idx, centre, self.side)
         if self.with_mask:
             x = torch.cat([x, crop(prob, idx, centre, self.side)], dim=1)
         return self.proj(self.convs(x).mean((2, 3)))

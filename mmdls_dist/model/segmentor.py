@@ -1,4 +1,4 @@
-"""Lung-lesion segmentor: a shared ResNet encoder, lung and lesion decoders, and
+"""LungLesionSegmentor: a shared ResNet encoder, lung and lesion decoders, and
 transformer cross-attention from lesion to lung features at the bottleneck.
 
 Works on single slices: N = number of real (non-padded) slices in the batch. GroupNorm, not
@@ -15,21 +15,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from mmdls_dist.model.layers import conv_norm_act, norm
+
 LUNG_PRIOR = 0.2  # typical share of a slice inside the lungs
 LESION_PRIOR = 0.005  # typical share inside the lesion (on slices that show it)
-
-
-def norm(channels: int) -> nn.GroupNorm:
-    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
-
-
-def conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        norm(c_out),
-        nn.ReLU(inplace=True),
-    )
 
 
 class BasicBlock(nn.Module):
@@ -145,7 +134,10 @@ class SegmentorOutput:
     lesion_logits: torch.Tensor  # [N,1,h,w]
 
 
-class Segmentor(nn.Module):
+class LungLesionSegmentor(nn.Module):
+    """The publication's LungLesionSegmentor: one encoder, lung and lesion decoders, and the
+    lesion decoder's bottleneck enriched by cross-attention to the lung's."""
+
     def __init__(self, widths: tuple[int, ...], blocks: int, decoder_width: int, heads: int):
         super().__init__()
         self.encoder = ResNetEncoder(widths, blocks)
@@ -161,31 +153,3 @@ class Segmentor(nn.Module):
         lung_f, lung_logits = self.lung_decoder(features, lung_top)
         lesion_f, lesion_logits = self.lesion_decoder(features, lesion_top)
         return SegmentorOutput(features, lung_f, lesion_f, lung_logits, lesion_logits)
-
-
-class EdgeRefiner(nn.Module):
-    """Full-resolution correction of an upsampled 1/4-resolution mask logit.
-
-    The decoders predict at 1/4 of the input resolution, where a lesion's spiculated margin
-    (a few pixels of lobes) cannot be drawn; bilinear upsampling then gives a smooth blob.
-    Three small convolutions over (CT, upsampled logit) at full resolution add the residual
-    detail, supervised by the same Dice + BCE loss at full resolution.
-    """
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(2, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, 1, 1),
-        )
-        # Starts (almost) as the identity, i.e. plain upsampling; not exactly zero, so the
-        # earlier layers get a gradient from the first step.
-        nn.init.normal_(self.net[-1].weight, std=1e-3)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor, coarse_logit: torch.Tensor) -> torch.Tensor:
-        """x [N,1,H,W] normalised CT, coarse_logit [N,1,H,W] upsampled -> [N,1,H,W]."""
-        return coarse_logit + self.net(torch.cat([x, coarse_logit], dim=1))

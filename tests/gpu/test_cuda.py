@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmdls_dist.config import LossConfig, ModelConfig
+from mmdls_dist.config import DataConfig, LossConfig, ModelConfig
+from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import unpack_masks
 from mmdls_dist.losses import TaskWeighting, compute_losses
 from mmdls_dist.model.mmdls import MMDLS
@@ -17,14 +18,12 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def batch():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
-    from bench_model import synthetic_batch
-
-    return synthetic_batch(3, 7, 64, "cpu")
+def batch(shard_dir):
+    """3 patients of the shared synthetic shards at 64 px (real masks, real tables)."""
+    cfg = DataConfig(
+        shards=str(shard_dir), batch_size=3, max_slices=7, num_workers=0, image_size=64
+    )
+    return next(iter(make_loader(cfg, "train", "eval")))
 
 
 def test_masks_unpack_identically_on_the_gpu(batch):

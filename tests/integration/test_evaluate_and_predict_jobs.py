@@ -90,9 +90,10 @@ def test_predictions_cover_each_patient_once_and_cutpoints_come_from_train(evalu
     assert high == int(np.sum(external >= ref["cutpoints"]["os"][1]))
 
 
-def ct_only_copy(raw: Path, dest: Path, broken: str) -> list[str]:
-    """New patients as a hospital would send them: no outcome columns, CT only (no lung or
-    lesion masks); one patient's first slice is corrupt."""
+def new_patients_copy(raw: Path, dest: Path, broken: str) -> tuple[list[str], set[str]]:
+    """New patients as a hospital would send them: no outcome columns, no lung masks, a
+    lesion contour for every other annotated patient (CT only for the rest); one patient's
+    first slice is corrupt. -> (patient ids, ids whose contour was withheld)."""
     clinical = pd.read_csv(raw / "clinical.csv", dtype=str, keep_default_na=False)
     clinical = clinical.drop(
         columns=["histology", "tnm_stage", "dfs_time", "dfs_event", "os_time", "os_event"]
@@ -100,17 +101,21 @@ def ct_only_copy(raw: Path, dest: Path, broken: str) -> list[str]:
     dest.mkdir(parents=True)
     clinical.to_csv(dest / "clinical.csv", index=False)
     shutil.copy(raw / "radiomics.csv", dest / "radiomics.csv")
+    annotated = sorted(p for p in clinical.patient_id if (raw / "images" / p / "lesion").is_dir())
+    withheld = set(annotated[1::2])
     for pid in clinical.patient_id:
-        shutil.copytree(raw / "images" / pid / "ct", dest / "images" / pid / "ct")
+        kinds = ("ct",) if pid in withheld or pid not in annotated else ("ct", "lesion")
+        for kind in kinds:
+            shutil.copytree(raw / "images" / pid / kind, dest / "images" / pid / kind)
     first = sorted((dest / "images" / broken / "ct").iterdir())[0]
     first.write_bytes(b"\x89PNG not really")
-    return list(clinical.patient_id)
+    return list(clinical.patient_id), withheld
 
 
-def test_predict_on_a_ct_only_folder(trained_run, evaluation, synth_cohort, tmp_path):
+def test_predict_on_new_patients(trained_run, evaluation, synth_cohort, tmp_path):
     out, _ = evaluation
     raw = synth_cohort[0]
-    ids = ct_only_copy(raw, tmp_path / "new", broken="HOSP-B-0002")
+    ids, withheld = new_patients_copy(raw, tmp_path / "new", broken="HOSP-B-0002")
     table = run_prediction(
         str(trained_run),
         tmp_path / "pred.csv",
@@ -126,21 +131,21 @@ def test_predict_on_a_ct_only_folder(trained_run, evaluation, synth_cohort, tmp_
     ok = table[table.status == "ok"].set_index("patient_id")
     assert set(ok["os_risk_group"]) <= {"low", "intermediate", "high"}
     assert (ok["os_survival_12m"] >= ok["os_survival_36m"]).all()
-    # Same patients, same weights: CT-only input predicts what the labelled shards gave, so
-    # neither masks nor labels reach inference and the training normalisation is applied.
+    # Same patients, same weights: without labels and lung masks, a patient with its lesion
+    # contour (or with none to begin with) is predicted as in the fully labelled shards, so
+    # neither labels nor lung masks reach inference and the training normalisation is
+    # applied. The model reads a given contour (model.given_lesion_mask): withheld, the
+    # segmentor's mask stands in and the prediction moves.
     evaluated = pd.read_csv(out / "predictions-best.csv").set_index("patient_id")
-    common = ok.index.intersection(evaluated.index)
-    assert len(common) == len(ok)
-    np.testing.assert_allclose(
-        ok.loc[common, "os_risk"], evaluated.loc[common, "os_risk"], atol=1e-5
-    )
-    np.testing.assert_allclose(
-        ok.loc[common, "histology_prob_lusc"], evaluated.loc[common, "histology_prob"], atol=1e-5
-    )
-    masks = sorted((tmp_path / "masks" / common[0] / "lesion").glob("*.png"))
-    assert masks and masks[0].name in {
-        p.name for p in (raw / "images" / common[0] / "ct").iterdir()
-    }
+    assert ok.index.isin(evaluated.index).all()
+    same = ok.index[~ok.index.isin(withheld)]
+    moved = ok.index[ok.index.isin(withheld)]
+    assert len(same) and len(moved)
+    for column, theirs in (("os_risk", "os_risk"), ("histology_prob_lusc", "histology_prob")):
+        np.testing.assert_allclose(ok.loc[same, column], evaluated.loc[same, theirs], atol=1e-5)
+    assert not np.allclose(ok.loc[moved, "os_risk"], evaluated.loc[moved, "os_risk"], atol=1e-5)
+    masks = sorted((tmp_path / "masks" / same[0] / "lesion").glob("*.png"))
+    assert masks and masks[0].name in {p.name for p in (raw / "images" / same[0] / "ct").iterdir()}
 
 
 def test_cli_evaluate_and_predict_from_shards(trained_run, shard_dir, tmp_path, capsys):

@@ -72,8 +72,8 @@ def test_overrides_apply_with_types():
         ("optim.epochs=1.5", "optim.epochs: expected int, got float"),
         ("run.use_gpu=3", "run.use_gpu: expected bool, got int"),
         ("optim.epochs=0", "optim.epochs and optim.grad_accum must be >= 1"),
-        ("model.encoder_input=voxels", "model.encoder_input must be one of"),
-        ("model.lesion_reader_mask=true", "model.lesion_reader_mask needs model.lesion_reader"),
+        ("model.patient_fusion=voxels", "model.patient_fusion must be one of"),
+        ("model.lesion_reader=4", "model.lesion_reader must be 0 (off) or >= 8"),
         ("optim", "not of the form section.key=value"),
     ],
 )

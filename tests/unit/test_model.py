@@ -11,7 +11,8 @@ from helpers import TINY_MODEL
 from mmdls_dist.config import DataConfig, ModelConfig
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
-from mmdls_dist.model.mmdls import MMDLS, PAD_LOGIT
+from mmdls_dist.model.mmdls import MMDLS
+from mmdls_dist.model.output import PAD_LOGIT
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def batch64(shard_dir) -> Batch:
     return next(iter(make_loader(cfg, "train", "eval")))
 
 
-# The lesion views read the contour a patient comes with; the reader sees it as channels.
-GIVEN = {"lesion_reader": 16, "lesion_reader_mask": True, "given_lesion_mask": True}
+# The imaging branch without its patient-level lesion views (reader, descriptors).
+SLICES_ONLY = {"lesion_reader": 0, "lesion_descriptors": False}
 
 
 def _model(**overrides) -> MMDLS:
@@ -57,9 +58,8 @@ def _repad(batch: Batch, slots: int) -> Batch:
     )
 
 
-@pytest.mark.parametrize("encoder_input", ["features", "pixels"])
-def test_output_shapes(batch, encoder_input):
-    out = _model(encoder_input=encoder_input).eval()(batch)
+def test_output_shapes(batch):
+    out = _model().eval()(batch)
     b, s, h, w = batch.ct.shape
     assert out.histology_logit.shape == (b,) and out.stage_logits.shape == (b, 3)
     assert out.dfs_log_hazard.shape == (b,) and out.os_log_hazard.shape == (b,)
@@ -73,13 +73,10 @@ def test_output_shapes(batch, encoder_input):
     "overrides",
     [
         {},
-        {"encoder_input": "pixels"},
         {"patient_fusion": "concat", "survival_sees_classification": False},
         {"fusion_layers": 2, "blocks_per_stage": 2},
-        {"lesion_patch": 8},
-        {"lesion_descriptors": True, "lesion_refine": True},
-        {"lesion_reader": 16, "radiomics_rank": 4},
-        {**GIVEN, "lesion_descriptors": True},
+        {**SLICES_ONLY, "radiomics_rank": 0},
+        {"given_lesion_mask": False, "lesion_reader_mask": False},
     ],
 )
 def test_gradient_reaches_every_parameter(batch64, overrides):
@@ -101,14 +98,7 @@ def test_gradient_reaches_every_parameter(batch64, overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [
-        {"encoder_input": "features"},
-        {"encoder_input": "pixels"},
-        {"lesion_patch": 8},
-        {"lesion_descriptors": True, "lesion_refine": True},
-        {"lesion_reader": 16},
-        {**GIVEN, "lesion_descriptors": True},
-    ],
+    [{}, SLICES_ONLY, {"given_lesion_mask": False}],
 )
 def test_padding_slices_changes_nothing(batch, overrides):
     model = _model(**overrides).eval()
@@ -124,9 +114,9 @@ def test_padding_slices_changes_nothing(batch, overrides):
 
 
 def test_ct_only_inference(batch):
-    """New patients come without masks: zeroed masks change nothing at gt_mask_weight=0
-    (the lesion descriptors too are measured on the predicted mask then)."""
-    model = _model(lesion_descriptors=True, lesion_reader=16).eval()
+    """Without given contours, zeroed masks change nothing at gt_mask_weight=0 (the lesion
+    reader and descriptors too read the predicted mask then)."""
+    model = _model(given_lesion_mask=False).eval()
     ct_only = dataclasses.replace(
         batch,
         masks=torch.zeros_like(batch.masks),
@@ -143,7 +133,7 @@ def test_ct_only_inference(batch):
 
 
 def test_given_lesion_masks_are_read_where_a_patient_has_one(batch):
-    """model.given_lesion_mask: at inference (gt_mask_weight=0) an annotated patient's
+    """model.given_lesion_mask (the default): at inference (gt_mask_weight=0) an annotated patient's
     prediction follows its own contour; a patient without one gets the CT-only prediction,
     whatever its (empty) mask slot holds. Off, the contour is not read at inference."""
     annotated = torch.ones_like(batch.lesion_annotated)
@@ -155,7 +145,7 @@ def test_given_lesion_masks_are_read_where_a_patient_has_one(batch):
     ct_only = dataclasses.replace(given, lesion_annotated=torch.zeros_like(annotated))
     assert batch.lesion_mask[1:].flatten(1).sum(1).min() > 0  # the others have lesions
     for descriptors in (False, True):
-        model = _model(**GIVEN, lesion_descriptors=descriptors).eval()
+        model = _model(lesion_descriptors=descriptors).eval()
         with torch.no_grad():
             a, b, c = model(given), model(erased), model(ct_only)
         assert torch.equal(a.os_log_hazard[0], b.os_log_hazard[0])
@@ -163,7 +153,7 @@ def test_given_lesion_masks_are_read_where_a_patient_has_one(batch):
         assert torch.all(a.os_log_hazard[1:] != b.os_log_hazard[1:])
         assert torch.all(a.os_log_hazard[1:] != c.os_log_hazard[1:])
         assert torch.equal(a.lesion_logits, b.lesion_logits)  # the segmentor reads CT only
-    off = _model(lesion_reader=16, lesion_reader_mask=True, lesion_descriptors=True).eval()
+    off = _model(given_lesion_mask=False).eval()
     with torch.no_grad():
         assert torch.equal(off(given).os_log_hazard, off(erased).os_log_hazard)
 
@@ -189,20 +179,6 @@ def test_single_modality_switches(batch):
         )
     with pytest.raises(ValueError, match="at least one"):
         ModelConfig(use_imaging=False, use_clinical=False, use_pet=False, use_radiomics=False)
-
-
-def test_lesion_patch_is_cut_around_the_soft_lesion():
-    from mmdls_dist.model.encoders import LesionPatchEncoder
-
-    image = torch.zeros(2, 1, 32, 32)
-    image[0, 0, 4:8, 20:24] = 1.0  # patient 0: lesion up right
-    image[1, 0, 24:28, 8:12] = 1.0  # patient 1: lesion down left
-    mask = torch.nn.functional.avg_pool2d(image, 4)  # the stride-4 soft mask
-    crops = LesionPatchEncoder(8, 0.25, 4, 8, 0.0).crop(image, mask)
-    assert crops.shape == (2, 2, 8, 8)
-    for i in range(2):
-        ct = crops[i, 0]
-        assert ct[2:6, 2:6].mean() > 0.9 and ct[0, 0] == 0 and ct[-1, -1] == 0  # centred
 
 
 def test_lesion_reader_crops_the_largest_lesion_slice_and_its_neighbours():
@@ -237,24 +213,10 @@ def test_segmentation_heads_start_at_the_foreground_prior(batch):
     assert 0.05 < torch.sigmoid(out.lung_logits[real]).mean() < 0.5
 
 
-def test_tabular_dropout_blanks_tables_in_training_only(batch):
-    model = _model(tabular_dropout=0.999999, dropout=0.0)
-    no_tab = dataclasses.replace(
-        batch,
-        clinical=torch.zeros_like(batch.clinical),
-        pet=torch.zeros_like(batch.pet),
-        radiomics=torch.zeros_like(batch.radiomics),
-    )
-    with torch.no_grad():
-        assert torch.equal(model.train()(batch).os_log_hazard, model(no_tab).os_log_hazard)
-        model.eval()
-        assert not torch.equal(model(batch).os_log_hazard, model(no_tab).os_log_hazard)
-
-
 def test_a_patients_prediction_does_not_depend_on_its_batch_mates_in_eval(batch):
     """BatchNorm layers (lesion reader, descriptors) must use running statistics at
     inference: a patient scored alone gets the same output as inside a batch."""
-    model = _model(lesion_reader=16, lesion_descriptors=True, dropout=0.0)
+    model = _model(dropout=0.0)
     model.train()
     with torch.no_grad():
         for _ in range(3):  # move the running statistics away from their initial values
