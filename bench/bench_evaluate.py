@@ -27,26 +27,28 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmdls_dist import checkpoint  # noqa: E402
 from mmdls_dist.config import load_config, to_dict  # noqa: E402
+from mmdls_dist.data.prepare import resolve_data  # noqa: E402
 from mmdls_dist.data.shards import load_manifest, manifest_hash  # noqa: E402
-from mmdls_dist.evaluate import evaluate_frame, fit_reference, run_evaluation  # noqa: E402
+from mmdls_dist.evaluation.evaluate import evaluate_frame, run_evaluation  # noqa: E402
+from mmdls_dist.evaluation.reference import fit_reference  # noqa: E402
 from mmdls_dist.parallel import init_ray, ray_mapper  # noqa: E402
-from mmdls_dist.prep import resolve_data  # noqa: E402
+from mmdls_dist.train import checkpoint  # noqa: E402
 
 
 def fresh_checkpoint(cfg, directory: Path) -> str:
     """A debug-preset checkpoint with initial weights, written like a training run's."""
     import torch
 
-    from mmdls_dist.train import TrainModule
+    from mmdls_dist.model.mmdls import MMDLS
+    from mmdls_dist.train.losses import TaskWeighting
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     manifest = load_manifest(cfg.data.shards)
     checkpoint.save(
         directory,
-        modules={"module": TrainModule(cfg)},
+        modules={"model": MMDLS(cfg.model), "weighting": TaskWeighting(cfg.loss)},
         progress=checkpoint.Progress(),
         identity={
             "config": to_dict(cfg),

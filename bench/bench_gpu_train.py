@@ -25,7 +25,7 @@ from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import MANIFEST, ShardOptions, build_shards
 from mmdls_dist.data.splits import SplitRecipe
 from mmdls_dist.data.synth import SynthSpec, generate
-from mmdls_dist.train import Trainer
+from mmdls_dist.train.loop import Trainer
 
 
 def make_shards(out: Path, patients: int, processes: int) -> str:

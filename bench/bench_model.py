@@ -29,10 +29,10 @@ from torch import nn
 
 from mmdls_dist.config import LossConfig, ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
-from mmdls_dist.losses import TaskWeighting, compute_losses
 from mmdls_dist.model.layers import conv_norm_act, mlp
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.views import SliceContext, log_area
+from mmdls_dist.train.losses import TaskWeighting, compute_losses
 
 
 def synthetic_batch(b: int, s: int, size: int, device: str) -> Batch:

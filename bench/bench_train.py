@@ -32,10 +32,10 @@ import torch.multiprocessing as mp
 
 from mmdls_dist.config import Config, from_dict, load_config, to_dict
 from mmdls_dist.data.ingest import read_cohort
+from mmdls_dist.data.prepare import resolve_data, synthetic_oracle
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.parallel import init_ray, ray_mapper
-from mmdls_dist.prep import resolve_data, synthetic_oracle
-from mmdls_dist.train import fit
+from mmdls_dist.train.launch import fit
 
 
 def bench_config(args: argparse.Namespace, *overrides: str) -> Config:
@@ -119,7 +119,7 @@ def ceiling(args: argparse.Namespace) -> None:
     import numpy as np
     from lifelines import CoxPHFitter
 
-    from mmdls_dist.metrics import harrell_cindex
+    from mmdls_dist.metrics.survival import harrell_c
 
     init_ray()
     cfg, truth, raw = prepared(bench_config(args), args)
@@ -163,7 +163,7 @@ def ceiling(args: argparse.Namespace) -> None:
         d = table.dropna(subset=[f"{endpoint}_time", *tables])
         train, val = d[d.split == "train"], d[d.split == "val"]
         time_, event = val[f"{endpoint}_time"].values, val[f"{endpoint}_event"].values > 0
-        oracle = harrell_cindex(val[f"eta_{endpoint}"].values, time_, event)
+        oracle = harrell_c(val[f"eta_{endpoint}"].values, time_, event)
         print(f"  {endpoint.upper()}: oracle {oracle:.3f}")
         for label, cols in sets.items():
             cph = CoxPHFitter(penalizer=0.01).fit(
@@ -172,7 +172,7 @@ def ceiling(args: argparse.Namespace) -> None:
                 f"{endpoint}_event",
             )
             risk = np.log(cph.predict_partial_hazard(val[cols]).values)
-            print(f"    {label:<34}{harrell_cindex(risk, time_, event):.3f}")
+            print(f"    {label:<34}{harrell_c(risk, time_, event):.3f}")
 
 
 def _ddp_worker(rank: int, init_file: str, steps: int, out: str, config: dict) -> None:
@@ -180,7 +180,7 @@ def _ddp_worker(rank: int, init_file: str, steps: int, out: str, config: dict) -
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mmdls_dist.train import Trainer
+    from mmdls_dist.train.loop import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -190,15 +190,15 @@ def _ddp_worker(rank: int, init_file: str, steps: int, out: str, config: dict) -
     batch = next(iter(trainer.train_loader))
     timings = {}
     for label, sync in (("sync", True), ("no_sync", False)):
-        trainer._step(batch, 0.0, last_micro=True)  # warm-up
+        trainer.step(batch, 0.0, last_micro=True)  # warm-up
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
             if sync:
-                trainer._step(batch, 0.0, last_micro=True)
+                trainer.step(batch, 0.0, last_micro=True)
             else:
                 with trainer.module.no_sync():
-                    trainer._step(batch, 0.0, last_micro=False)
+                    trainer.step(batch, 0.0, last_micro=False)
                 trainer.optimizer.zero_grad()
         dist.barrier()
         timings[label] = (time.perf_counter() - t0) / steps

@@ -25,10 +25,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmdls_dist.config import load_config  # noqa: E402
+from mmdls_dist.data.prepare import resolve_data  # noqa: E402
 from mmdls_dist.parallel import init_ray, ray_mapper  # noqa: E402
-from mmdls_dist.prep import resolve_data  # noqa: E402
-from mmdls_dist.train import fit  # noqa: E402
-from mmdls_dist.tune import load_sweep, run_sweep  # noqa: E402
+from mmdls_dist.train.launch import fit  # noqa: E402
+from mmdls_dist.train.tune import load_sweep, run_sweep  # noqa: E402
 
 
 def startup_of(times: list[float]) -> float:

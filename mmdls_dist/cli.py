@@ -109,7 +109,7 @@ def _shard_options(args: argparse.Namespace):
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from mmdls_dist.prep import shard_cohort
+    from mmdls_dist.data.prepare import shard_cohort
 
     shard_cohort(
         args.raw,
@@ -199,19 +199,18 @@ def _run_config(args: argparse.Namespace):
     """--config / --set -> Config, local storage made absolute (Ray wants that)."""
     import dataclasses
 
+    from mmdls_dist import storage
     from mmdls_dist.config import load_config
 
     cfg = load_config(args.config, args.set)
-    if "://" not in cfg.run.storage_path:
-        storage = str(Path(cfg.run.storage_path).resolve())
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_path=storage))
-    return cfg
+    run = dataclasses.replace(cfg.run, storage_path=storage.absolute(cfg.run.storage_path))
+    return dataclasses.replace(cfg, run=run)
 
 
 def _with_data(cfg, args: argparse.Namespace):
     """Start / join Ray, then the data: given, or the synthetic cohort. -> (cfg, truth, raw)"""
     from mmdls_dist import parallel
-    from mmdls_dist.prep import resolve_data
+    from mmdls_dist.data.prepare import resolve_data
 
     parallel.init_ray(args.ray_address)
     return resolve_data(
@@ -226,7 +225,7 @@ def _with_data(cfg, args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """The main job: data (given, or a synthetic cohort) -> shards -> Ray Train DDP run."""
     from mmdls_dist.config import dump_yaml
-    from mmdls_dist.train import fit
+    from mmdls_dist.train.launch import fit
 
     cfg, truth, raw = _with_data(_run_config(args), args)
     log.info("resolved config:\n%s", dump_yaml(cfg))
@@ -238,9 +237,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
-    from mmdls_dist.prep import synthetic_oracle
-    from mmdls_dist.tensorboard import tensorboard_dir
-    from mmdls_dist.train import BEST, local_run_dir, run_url
+    from mmdls_dist.data.prepare import synthetic_oracle
+    from mmdls_dist.train.checkpoint import BEST
+    from mmdls_dist.train.launch import run_url
+    from mmdls_dist.train.loop import local_run_dir
+    from mmdls_dist.train.tensorboard import tensorboard_dir
 
     metrics = result.metrics or {}
     oracle = {}
@@ -269,7 +270,7 @@ def _print_summary(cfg, result, truth: dict | None, raw: str | None) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune sweep over whole Ray Train runs; results.csv + best.yaml."""
-    from mmdls_dist.tune import load_sweep, run_sweep, sweep_path
+    from mmdls_dist.train.tune import load_sweep, run_sweep, sweep_path
 
     cfg = _run_config(args)
     sweep = load_sweep(sweep_path(args.sweep), cfg)  # a bad sweep file fails before Ray
@@ -296,10 +297,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _models(specs: list[str]) -> dict[str, str]:
     """["full=runs/a", "runs/b"] -> {"full": "runs/a", "b": "runs/b"} (label = folder name)."""
+    from mmdls_dist import storage
+
     out = {}
     for spec in specs:
         label, sep, path = spec.partition("=")
-        if not sep or "://" in label:
+        if not sep or storage.is_url(label):
             label, path = Path(spec.rstrip("/")).name, spec
         if label in out:
             raise ValueError(f"two models are labelled {label!r}; name them as LABEL=PATH")
@@ -308,8 +311,8 @@ def _models(specs: list[str]) -> dict[str, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmdls_dist.evaluate import run_evaluation
-    from mmdls_dist.inference import checkpoint_identity, resolve_checkpoint
+    from mmdls_dist.evaluation.evaluate import run_evaluation
+    from mmdls_dist.evaluation.inference import checkpoint_identity, resolve_checkpoint
 
     models = _models(args.models)
     first = resolve_checkpoint(next(iter(models.values())))
@@ -357,7 +360,7 @@ def _print_evaluation(metrics: dict) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmdls_dist.predict import run_prediction
+    from mmdls_dist.evaluation.predict import run_prediction
 
     table = run_prediction(
         args.checkpoint,

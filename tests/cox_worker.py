@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmdls_dist.distributed import gather_with_grad
-from mmdls_dist.losses import cox_loss
+from mmdls_dist.train.distributed import gather_with_grad
+from mmdls_dist.train.losses import cox_loss
 
 
 def run(rank: int, world: int, init_file: str, data: dict, cuts: list[int], out: str) -> None:

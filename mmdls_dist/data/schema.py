@@ -16,6 +16,8 @@ SCHEMA_VERSION = 1
 
 PATIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 N_RADIOMICS = 128
+STAGES = ("I-II", "III", "IV")  # tnm_stage codes 0, 1, 2
+ENDPOINTS = ("dfs", "os")  # disease-free and overall survival
 
 
 @dataclass(frozen=True)

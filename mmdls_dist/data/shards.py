@@ -19,19 +19,18 @@ import hashlib
 import io
 import json
 import math
-import posixpath
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mmdls_dist import __version__
-from mmdls_dist.data.ingest import IngestReport, Mapper, open_slice, serial_map
+from mmdls_dist import __version__, storage
+from mmdls_dist.data.defects import IngestReport, Mapper, serial_map
+from mmdls_dist.data.images import open_slice
 from mmdls_dist.data.schema import (
     CLINICAL_COLUMNS,
     LOG1P_FEATURES,
@@ -120,7 +119,7 @@ def pack_masks(lung: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     return np.packbits(stacked, axis=-1)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
@@ -157,8 +156,8 @@ def encode_patient(root: str, record: PatientRecord, split: str, image_size: int
     meta = patient_meta(record, split, image_size)
     return {
         "__key__": record.patient_id,
-        "ct.npy": _npy_bytes(ct),
-        "masks.npy": _npy_bytes(pack_masks(lung, lesion)),
+        "ct.npy": npy_bytes(ct),
+        "masks.npy": npy_bytes(pack_masks(lung, lesion)),
         "meta.json": json.dumps(meta, sort_keys=True).encode(),
     }
 
@@ -218,7 +217,7 @@ def write_shard(args: tuple[str, str, ShardPlan, int]) -> dict:
 
 def sha256_file(url: str, chunk: int = 8 * 2**20) -> str:
     digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as stream:
+    with storage.open_file(url) as stream:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -337,18 +336,10 @@ def build_shards(
     return manifest
 
 
-def join_url(root: str, name: str) -> str:
-    """`root` may be a local folder or an object-store prefix (s3://bucket/prefix)."""
-    if "://" in root:
-        return posixpath.join(root, name)
-    return str(Path(root) / name)
-
-
 def load_manifest(root: str) -> dict:
-    url = join_url(root, MANIFEST)
+    url = storage.join(root, MANIFEST)
     try:
-        with fsspec.open(url, "rb") as stream:
-            manifest = json.loads(stream.read())
+        manifest = storage.read_json(url)
     except FileNotFoundError as exn:
         raise ShardError(
             f"{url}: no manifest.json (not a shard folder, or sharding unfinished)"
@@ -368,18 +359,10 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def _size(url: str) -> int | None:
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        return int(fs.size(path))
-    except FileNotFoundError:
-        return None
-
-
 def verify_shard(root: str, entry: dict, check_hash: bool = True) -> str | None:
     """None if the shard matches the manifest, else a message naming the shard and the fault."""
-    url = join_url(root, entry["name"])
-    size = _size(url)
+    url = storage.join(root, entry["name"])
+    size = storage.size(url)
     if size is None:
         return f"{url}: shard is missing"
     if size != entry["bytes"]:

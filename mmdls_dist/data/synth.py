@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdls_dist.data.ingest import Mapper, serial_map
+from mmdls_dist.data.defects import Mapper, serial_map
 from mmdls_dist.data.schema import (
     CLINICAL_COLUMNS,
     CLINICAL_CSV_COLUMNS,
+    ENDPOINTS,
     N_RADIOMICS,
     PET_COLUMNS,
 )
-from mmdls_dist.metrics import harrell_cindex
+from mmdls_dist.metrics.survival import harrell_c
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def _truth(spec: SynthSpec, f: dict, ids: list[str], label_missing: np.ndarray) 
     for g, endpoint in ((2, "dfs"), (3, "os")):
         known = ~label_missing[:, g]
         endpoints[endpoint] = {
-            "oracle_cindex": harrell_cindex(
+            "oracle_cindex": harrell_c(
                 f[f"eta_{endpoint}"][known],
                 f[f"{endpoint}_time"][known],
                 f[f"{endpoint}_event"][known],
@@ -411,7 +412,7 @@ def oracle_cindex(truth: dict, patient_ids: Sequence[str], endpoint: str, labels
     risk = np.array([truth["patients"][p][f"eta_{endpoint}"] for p in keep])
     time = np.array([labels[p][0] for p in keep])
     event = np.array([labels[p][1] for p in keep])
-    return harrell_cindex(risk, time, event)
+    return harrell_c(risk, time, event)
 
 
 def oracle_metrics(truth: dict, records: Sequence) -> dict[str, float]:
@@ -422,7 +423,7 @@ def oracle_metrics(truth: dict, records: Sequence) -> dict[str, float]:
     it), so the true logit is not the best possible score and would understate the ceiling.
     """
     out = {}
-    for endpoint in ("dfs", "os"):
+    for endpoint in ENDPOINTS:
         labels = {
             r.patient_id: (r.labels[f"{endpoint}_time"], r.labels[f"{endpoint}_event"])
             for r in records

@@ -2,7 +2,7 @@
 
 Radiologists read a lesion's margin (smooth vs spiculated) and its internal heterogeneity;
 radiomics measures them as shape and texture features. Learned end to end from a Cox loss
-on a few hundred patients, the CNN views did not pick these up (issue #4's benchmark); the
+on a few hundred patients, the CNN views did not pick these up (docs/experiments/); the
 same quantities measured directly on the mask do (Spearman 0.84 with the synthetic margin,
 0.79 with texture, on ground-truth masks). So this module measures them on the largest
 lesion slice of the mask the views read (model/views.py MaskPolicy: the given contour

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mmdls_dist.data.schema import ENDPOINTS, Batch
+from mmdls_dist.metrics.segmentation import dice_per_patient
+
 PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
 
 
@@ -20,3 +23,30 @@ class ModelOutput:
     lung_logits: torch.Tensor | None = None  # [B,S,H,W]; PAD_LOGIT on padded slices
     lesion_logits: torch.Tensor | None = None  # [B,S,H,W]
     slice_weights: torch.Tensor | None = None  # [B,S] attention pooling weights (0 on padding)
+
+
+LABELS = ("histology", "stage") + tuple(
+    f"{e}_{k}" for e in ENDPOINTS for k in ("time", "event", "known")
+)
+
+
+def prediction_records(batch: Batch, out: ModelOutput) -> list[dict]:
+    """Per-patient predictions, labels and Dice as plain Python: what validation gathers
+    across ranks and inference turns into a table, one dict per patient."""
+    values = {
+        "histology_prob": torch.sigmoid(out.histology_logit.float()),
+        "stage_probs": torch.softmax(out.stage_logits.float(), dim=1),
+        **{f"{e}_risk": getattr(out, f"{e}_log_hazard").float() for e in ENDPOINTS},
+    }
+    if out.lung_logits is not None:
+        values["dice_lung"] = dice_per_patient(
+            out.lung_logits > 0, batch.lung_mask, batch.slice_mask
+        )
+        lesion = dice_per_patient(out.lesion_logits > 0, batch.lesion_mask, batch.slice_mask)
+        values["dice_lesion"] = torch.where(batch.lesion_annotated, lesion, torch.nan)
+    values |= {k: getattr(batch, k) for k in LABELS}
+    columns = {k: v.cpu().tolist() for k, v in values.items()}
+    return [
+        {"patient_id": pid, "center": center, **{k: v[i] for k, v in columns.items()}}
+        for i, (pid, center) in enumerate(zip(batch.patient_id, batch.center, strict=True))
+    ]

@@ -1,6 +1,6 @@
 """LesionReader: a patient-level view of the lesion at full resolution -> one fusion token.
 
-Why it exists (issue #4's benchmark): on the synthetic cohort the lesion's margin and
+Why it exists (docs/experiments/): on the synthetic cohort the lesion's margin and
 internal texture drive survival, and they live at the scale of a few pixels. The per-slice
 encoders pool the segmentor's 1/4-resolution maps, and a per-slice patch spends most of its
 crops on slices without lesion, so neither learned them from outcomes. A small CNN on a
@@ -16,7 +16,7 @@ does not move the mask. Inference needs CT only.
 BatchNorm, unlike the segmentor's GroupNorm: the reader sees one crop per patient (never a
 padded slice, so batch statistics cannot leak padding), and with per-sample normalisation
 (GroupNorm) or none the same CNN learned nothing from outcomes in 14 epochs on that probe
-(Spearman with the true margin 0.01, against 0.35 with BatchNorm; bench/probe_crops.py).
+(Spearman with the true margin 0.01, against 0.35 with BatchNorm; docs/experiments/probe_crops.py).
 Under DDP each rank normalises over its own patients and rank 0's running statistics are
 broadcast (DDP's default), so every rank evaluates alike.
 """
@@ -82,7 +82,8 @@ class LesionReader(nn.Module):
 
     with_mask: the crop also carries the lesion mask of its three slices (6 channels). The
     mask states the boundary the CT blurs (a CNN given the ground-truth mask crop reads the
-    synthetic margin far better than one given the CT; bench/probe_crops.py --channels)."""
+    synthetic margin far better than one given the CT: docs/experiments/probe_crops.py
+    --channels)."""
 
     def __init__(
         self, side: int, width: int, embed_dim: int, dropout: float, with_mask: bool = False

@@ -8,8 +8,8 @@ import torch
 from mmdls_dist.config import DataConfig, LossConfig, ModelConfig
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import unpack_masks
-from mmdls_dist.losses import TaskWeighting, compute_losses
 from mmdls_dist.model.mmdls import MMDLS
+from mmdls_dist.train.losses import TaskWeighting, compute_losses
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,10 +14,10 @@ from helpers import train_config
 
 from mmdls_dist.cli import main
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.evaluate import run_evaluation
+from mmdls_dist.evaluation.evaluate import run_evaluation
+from mmdls_dist.evaluation.predict import run_prediction
 from mmdls_dist.parallel import ray_mapper
-from mmdls_dist.predict import run_prediction
-from mmdls_dist.train import fit
+from mmdls_dist.train.launch import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -73,6 +73,19 @@ def test_report_has_every_split_center_and_model(evaluation, shard_dir):
     assert "Model comparison" in page and "best / external: all centers" in page
     assert (out / "figures" / "best-test-overlays.png").exists()
     assert "HOSP-A-0" not in page  # no patient ids in the shared report
+
+
+def test_training_validation_metrics_equal_the_reports(trained_run, evaluation):
+    """One implementation per metric: what the run reported for its best epoch on the
+    validation split is what the report computes for that checkpoint and split."""
+    _, metrics = evaluation
+    best = json.loads((trained_run / "best.json").read_text())
+    reported = json.loads((Path(best["checkpoint"]) / "metrics.json").read_text())
+    report = metrics["models"]["best"]["splits"]["val"]["all"]
+    assert reported["val/cindex_os"] == pytest.approx(report["os"]["harrell_c"], abs=1e-9)
+    assert reported["val/cindex_dfs"] == pytest.approx(report["dfs"]["harrell_c"], abs=1e-9)
+    assert reported["val/auc_histology"] == pytest.approx(report["histology"]["auc"], abs=1e-9)
+    assert reported["val/auc_stage"] == pytest.approx(report["stage"]["macro_auc"], abs=1e-9)
 
 
 def test_predictions_cover_each_patient_once_and_cutpoints_come_from_train(evaluation, shard_dir):

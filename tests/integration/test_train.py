@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import train_config as config
 
-from mmdls_dist import checkpoint
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.train import BEST, RUN_IDENTITY, fit
+from mmdls_dist.train import checkpoint
+from mmdls_dist.train.checkpoint import BEST, RUN_IDENTITY
+from mmdls_dist.train.launch import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

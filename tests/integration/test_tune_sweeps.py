@@ -10,8 +10,8 @@ import yaml
 from helpers import TINY_TRAIN, train_config
 
 from mmdls_dist.config import load_config
-from mmdls_dist.train import fit
-from mmdls_dist.tune import load_sweep, run_sweep
+from mmdls_dist.train.launch import fit
+from mmdls_dist.train.tune import load_sweep, run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmdls_dist import checkpoint
 from mmdls_dist.config import OptimConfig, load_config, to_dict
-from mmdls_dist.train import gt_mask_weight, lr_lambda
+from mmdls_dist.train import checkpoint
+from mmdls_dist.train.loop import gt_mask_weight, lr_lambda
 
 
 def identity(*overrides: str, data: str = "a" * 64) -> dict:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from mmdls_dist import classification_metrics as cm
-from mmdls_dist.metrics import binary_auc
+from mmdls_dist.metrics import classification as cm
+from mmdls_dist.metrics.classification import binary_auc, macro_ovr_auc
 
 
 def test_ece_and_reliability_by_hand():
@@ -73,3 +73,27 @@ def test_multiclass_per_stage_and_macro_auc_match_sklearn():
     confusion = np.array(out["confusion"])
     assert confusion.sum() == 300 and np.trace(confusion) == int(np.sum(probs.argmax(1) == labels))
     assert confusion[1].sum() == np.sum(labels == 1)  # rows are the truth
+
+
+def test_binary_auc_skips_unknown_labels_and_is_nan_with_one_class():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(200), 1)  # many ties
+    labels = rng.integers(-1, 2, 200)
+    keep = labels >= 0
+    assert binary_auc(scores, labels) == pytest.approx(
+        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
+    )
+    assert np.isnan(binary_auc(scores, np.zeros(200, dtype=int)))
+    # Unbounded scores (risks, logits, raw intensities) keep their order exactly.
+    assert binary_auc(scores * 1000 + 50, labels) == pytest.approx(
+        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
+    )
+
+
+def test_macro_auc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), 150)
+    labels = rng.integers(0, 3, 150)
+    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert macro_ovr_auc(probs, labels) == pytest.approx(expected, abs=1e-6)
+    assert np.isnan(macro_ovr_auc(probs, np.where(labels == 2, 0, labels)))  # a class absent

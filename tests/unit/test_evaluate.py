@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmdls_dist.evaluate import evaluate_frame, fit_reference, group_metrics
-from mmdls_dist.report import write_report
-from mmdls_dist.survival_metrics import harrell_c, risk_cutpoints
+from mmdls_dist.evaluation.evaluate import evaluate_frame, group_metrics
+from mmdls_dist.evaluation.reference import fit_reference
+from mmdls_dist.evaluation.report import write_report
+from mmdls_dist.metrics.survival import harrell_c, risk_cutpoints
 
 
 def frame(rng, n: int, split: str, centers=("A", "B"), shift: float = 0.0) -> pd.DataFrame:

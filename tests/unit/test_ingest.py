@@ -7,8 +7,9 @@ import pytest
 from helpers import good_patient, row, volume, write_clinical, write_images, write_radiomics
 from PIL import Image
 
-from mmdls_dist.data.ingest import parse_cell, read_cohort
+from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS, Column
+from mmdls_dist.data.tables import parse_cell
 
 
 def _find(report, patient_id, field):

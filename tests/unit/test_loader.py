@@ -9,16 +9,11 @@ import pytest
 import torch
 
 from mmdls_dist.config import DataConfig
-from mmdls_dist.data.loader import (
-    Segment,
-    eval_segments,
-    make_loader,
-    npy_view,
-    select_slices,
-    train_segments,
-)
+from mmdls_dist.data.collate import npy_view, select_slices
+from mmdls_dist.data.loader import make_loader
+from mmdls_dist.data.plan import Segment, eval_segments, train_segments
 from mmdls_dist.data.schema import unpack_masks
-from mmdls_dist.data.shards import ShardError, _npy_bytes, load_manifest
+from mmdls_dist.data.shards import ShardError, load_manifest, npy_bytes
 
 
 def _expand(segments, counts):
@@ -213,7 +208,7 @@ def test_worker_count_mismatch_is_refused(shard_dir):
 
 def test_npy_view_is_zero_copy_and_exact():
     array = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
-    data = _npy_bytes(array)
+    data = npy_bytes(array)
     view = npy_view(data)
     assert np.array_equal(view, array) and not view.flags.owndata
 

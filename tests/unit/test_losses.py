@@ -14,7 +14,8 @@ from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from mmdls_dist.config import DataConfig, LossConfig, ModelConfig
 from mmdls_dist.data.loader import make_loader
-from mmdls_dist.losses import (
+from mmdls_dist.model.mmdls import MMDLS
+from mmdls_dist.train.losses import (
     TaskWeighting,
     compute_losses,
     cox_loss,
@@ -22,7 +23,6 @@ from mmdls_dist.losses import (
     histology_loss,
     stage_loss,
 )
-from mmdls_dist.model.mmdls import MMDLS
 
 
 def cox_nll_numpy(eta, time, event, ties="efron"):

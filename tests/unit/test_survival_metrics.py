@@ -20,7 +20,7 @@ from sksurv.nonparametric import CensoringDistributionEstimator
 from sksurv.util import Surv
 from torchsurv.metrics.cindex import ConcordanceIndex
 
-from mmdls_dist import survival_metrics as sm
+from mmdls_dist.metrics import survival as sm
 
 HORIZONS = np.array([12.0, 24.0, 36.0])
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mmdls_dist.config import load_config
-from mmdls_dist.tune import (
+from mmdls_dist.train.tune import (
     SWEEPS_DIR,
     Sweep,
     best_config,
@@ -25,6 +25,10 @@ def test_every_shipped_sweep_validates_against_every_preset(preset, config):
     sweep = load_sweep(sweep_path(preset), load_config(config))
     space = search_space(sweep)
     assert set(space) == set(sweep.space) and sweep.metric == "val/composite"
+
+
+def test_the_sweep_presets_are_shipped():
+    assert {"debug", "default"} <= {p.stem for p in SWEEPS_DIR.glob("*.yaml")}
 
 
 def test_sweep_file_errors_name_the_field(tmp_path):

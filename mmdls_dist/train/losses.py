@@ -18,7 +18,7 @@ from torch import nn
 from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from mmdls_dist.config import LossConfig
-from mmdls_dist.data.schema import Batch
+from mmdls_dist.data.schema import ENDPOINTS, Batch
 from mmdls_dist.model.output import ModelOutput
 
 Gather = Callable[..., tuple[list[torch.Tensor], int]]
@@ -195,7 +195,7 @@ def compute_losses(
     counts["histology"] = int((batch.histology >= 0).sum())
     parts["stage"] = stage_loss(output.stage_logits, batch.stage)
     counts["stage"] = int((batch.stage >= 0).sum())
-    for endpoint in ("dfs", "os"):
+    for endpoint in ENDPOINTS:
         term = cox_loss(
             getattr(output, f"{endpoint}_log_hazard"),
             torch.nan_to_num(getattr(batch, f"{endpoint}_time"), nan=1.0),

@@ -18,17 +18,17 @@ import numpy as np
 import pandas as pd
 
 from mmdls_dist.data.ingest import read_cohort
+from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest
 from mmdls_dist.data.splits import SplitRecipe
-from mmdls_dist.evaluate import Reference, load_reference, reference_for
-from mmdls_dist.inference import (
-    STAGES,
+from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     resolve_checkpoint,
     run_inference,
     stage_probs,
 )
-from mmdls_dist.survival_metrics import ENDPOINTS, RISK_GROUPS, assign_risk_groups
+from mmdls_dist.evaluation.reference import Reference, load_reference, reference_for
+from mmdls_dist.metrics.survival import RISK_GROUPS, assign_risk_groups
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,6 @@ def run_prediction(
 
 
 def _image_size(identity: dict) -> int:
-    """Stored slice size of the training shards (what the model was trained on)."""
-    size = identity["config"]["data"].get("image_size") or identity.get("image_size")
-    if size:
-        return int(size)
-    return int(load_manifest(identity["config"]["data"]["shards"])["image_size"])
+    """The slice size the model was trained on: data.image_size, or the training shards'
+    stored size when that is 0 (as stored)."""
+    return int(identity["config"]["data"]["image_size"] or identity["image_size"])

@@ -5,58 +5,46 @@ split, `parts` eval streams (the loader's exactly-once plan for `parts` ranks) r
 tasks or serially (a `mapper`, as in data prep) -> records -> pandas DataFrame.
 
 The tabular features are z-scored with the *training* cohort's statistics (stored in the
-checkpoint, or read from the training shards' manifest for older checkpoints), so a new
-cohort is normalised exactly as the model saw its training data.
+checkpoint), so a new cohort is normalised exactly as the model saw its training data.
+Weights load into the model alone: nothing here imports the training loop or Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from mmdls_dist import checkpoint
+from mmdls_dist import storage
 from mmdls_dist.config import Config, from_dict
-from mmdls_dist.data.loader import make_loader, select_slices
-from mmdls_dist.data.shards import join_url, load_manifest
+from mmdls_dist.data.collate import select_slices
+from mmdls_dist.data.loader import make_loader
+from mmdls_dist.data.schema import STAGES
+from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.model.mmdls import MMDLS
+from mmdls_dist.model.output import prediction_records
+from mmdls_dist.train import checkpoint
 
 log = logging.getLogger(__name__)
-
-STAGES = ("I-II", "III", "IV")
 
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder (holds state.pt) or a run folder (holds best.json) -> checkpoint."""
-    fs, local = fsspec.core.url_to_fs(path)
-    if fs.exists(f"{local.rstrip('/')}/{checkpoint.STATE}"):
+    if storage.exists(storage.join(path, checkpoint.STATE)):
         return path
-    best = join_url(path, "best.json")
-    bfs, bpath = fsspec.core.url_to_fs(best)
-    if bfs.exists(bpath):
-        with bfs.open(bpath, "r") as stream:
-            return json.load(stream)["checkpoint"]
+    best = storage.join(path, checkpoint.BEST)
+    if storage.exists(best):
+        return storage.read_json(best)["checkpoint"]
     raise FileNotFoundError(
-        f"{path}: neither a checkpoint (no {checkpoint.STATE}) nor a run folder (no best.json)"
+        f"{path}: neither a checkpoint (no {checkpoint.STATE}) nor a run folder "
+        f"(no {checkpoint.BEST})"
     )
-
-
-def local_copy(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """torch.load wants a local file: object-store checkpoints are downloaded once."""
-    if "://" not in path or path.startswith("file://"):
-        return path.removeprefix("file://"), None
-    tmp = tempfile.TemporaryDirectory(prefix="mmdls-ckpt-")
-    fs, remote = fsspec.core.url_to_fs(path)
-    fs.get(remote.rstrip("/") + "/", tmp.name, recursive=True)
-    return tmp.name, tmp
 
 
 @dataclasses.dataclass
@@ -70,18 +58,12 @@ class LoadedModel:
 def load_model(path: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Checkpoint (local or object store) -> model in eval mode (weights_only load: no
     pickled code runs)."""
-    from mmdls_dist.train import TrainModule
-
-    local, tmp = local_copy(path)
-    try:
+    with storage.local_copy(path) as local:
         state, identity = checkpoint.load(local)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     cfg = from_dict(Config, identity["config"])
-    module = TrainModule(cfg)
-    module.load_state_dict(state["module"])
-    return LoadedModel(cfg, module.model.to(device).eval(), identity, path)
+    model = MMDLS(cfg.model)
+    model.load_state_dict(state["model"])
+    return LoadedModel(cfg, model.to(device).eval(), identity, path)
 
 
 def eval_loader(
@@ -100,23 +82,8 @@ def eval_loader(
 
 
 def checkpoint_identity(path: str) -> dict:
-    """The checkpoint's config.json (config, data manifest hash, normalisation)."""
-    with fsspec.open(join_url(path, checkpoint.CONFIG), "r") as stream:
-        return json.load(stream)
-
-
-def training_normalization(identity: dict) -> dict:
-    """The training split's z-score statistics the model was trained with."""
-    if "normalization" in identity:
-        return identity["normalization"]
-    shards = identity["config"]["data"]["shards"]
-    try:
-        return load_manifest(shards)["normalization"]
-    except Exception as exn:
-        raise ValueError(
-            "this checkpoint predates stored normalisation statistics and its training "
-            f"shards ({shards}) cannot be read; evaluate where they are reachable"
-        ) from exn
+    """The checkpoint's config.json (config, data manifest hash, training normalisation)."""
+    return storage.read_json(storage.join(path, checkpoint.CONFIG))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +103,6 @@ class Part:
 
 
 def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
-    from mmdls_dist.train import prediction_records
-
     records = prediction_records(batch, out)
     for r in records:
         r["split"] = split
@@ -189,7 +154,7 @@ def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> No
 def overlay_batch(ckpt: str, shards: str, split: str, patients: int = 4):
     """(Batch, ModelOutput) of the first `patients` of a split, for the report's overlays."""
     loaded = load_model(ckpt)
-    manifest = inference_manifest(shards, training_normalization(loaded.identity))
+    manifest = inference_manifest(shards, loaded.identity["normalization"])
     batch = next(iter(eval_loader(loaded, shards, split, manifest, patients)))
     return batch, loaded.model(batch)
 
@@ -231,7 +196,7 @@ def run_inference(
     **extra,
 ) -> pd.DataFrame:
     """Predictions for every patient of `splits` as a DataFrame (see `predictions_frame`)."""
-    norm = training_normalization(checkpoint_identity(ckpt))
+    norm = checkpoint_identity(ckpt)["normalization"]
     plan = plan_parts(ckpt, shards, splits, parts, batch_size, norm, **extra)
     records = [r for part in mapper(infer_part, plan) for r in part]
     frame = predictions_frame(records)

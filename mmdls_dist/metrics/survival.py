@@ -1,4 +1,5 @@
-"""Survival metrics for the evaluation report: pure functions of (risk, time, event) arrays.
+"""Survival metrics, for training-time validation, the synthetic oracle and the evaluation
+report alike: pure functions of (risk, time, event) arrays.
 
 Conventions: risk [n] float (higher = earlier event, e.g. the Cox log hazard), time [n] float
 months > 0, event [n] bool. Censoring weights always come from the *training* split
@@ -21,8 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchsurv.loss.cox import baseline_survival_function
-
-ENDPOINTS = ("dfs", "os")  # disease-free and overall survival
 
 
 def _arrays(risk, time, event) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

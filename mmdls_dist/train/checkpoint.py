@@ -1,10 +1,19 @@
 """Checkpoint contents, compatibility checks and the run folder's bookkeeping files.
 
 A checkpoint directory holds:
-  state.pt      model / optimizer / scheduler / scaler state, progress, RNG states: tensors and
+  state.pt      "model" (MMDLS weights: all that serving loads), "weighting" (task weights),
+                optimizer / scheduler / scaler state, progress, RNG states: tensors and
                 plain Python values only, so it loads with torch.load(weights_only=True)
-  config.json   the resolved config and the data manifest hash it was trained with
+  config.json   the resolved config, the data manifest hash, the training normalisation
   metrics.json  the epoch's reported metrics
+
+A run folder (<run.storage_path>/<run.name>) holds Ray's checkpoint_* folders and:
+  mmdls_run.json  the run's config and data identity (a restart must match it)
+  best.json       the best checkpoint by run.metric and its metrics (what evaluate and
+                  predict take for a run folder)
+
+Plain torch / json only: evaluation and prediction load weights through here without
+importing the training loop or Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+RUN_IDENTITY = "mmdls_run.json"
+BEST = "best.json"
 
 # Config fields that may change between a run and its resumption: where and how it runs,
 # how long, and loader performance knobs. Everything else changes the experiment.

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mmdls_dist import storage
 from mmdls_dist.config import Config, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import MANIFEST, ShardOptions, build_shards, load_manifest
@@ -110,8 +111,7 @@ def resolve_data(
     else:
         raw, truth = synthetic_cohort(cfg.prep, workdir, mapper)
         shards = ensure_shards(raw, workdir / "shards", cfg.prep, mapper)
-    if "://" not in shards:
-        shards = str(Path(shards).resolve())  # Ray workers do not share the driver's cwd
+    shards = storage.absolute(shards)  # Ray workers do not share the driver's cwd
     load_manifest(shards)  # fail early, on the driver, if the shards are not there
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards)), truth, raw
 

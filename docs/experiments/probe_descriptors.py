@@ -1,7 +1,7 @@
 """Probe: how well a trained model's predicted lesion masks carry the synthetic margin and
 texture, against the same measurements on ground-truth masks (validation split).
 
-    python bench/probe_descriptors.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON
+    python docs/experiments/probe_descriptors.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON
 
 Prints Spearman correlations of the lesion descriptors (model/descriptors.py: boundary
 irregularity, interior texture) with the generator's true margin and texture. Used for
@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmdls_dist.inference import (  # noqa: E402
+from mmdls_dist.evaluation.inference import (
     eval_loader,
     inference_manifest,
     load_model,
     resolve_checkpoint,
-    training_normalization,
 )
-from mmdls_dist.model.descriptors import measure  # noqa: E402
+from mmdls_dist.model.descriptors import measure
 
 TEXTURE, IRREGULARITY = 2, 3  # columns of measure()
 
@@ -44,7 +40,7 @@ def checkpoint_probe(description: str):
     args = parser.parse_args()
     truth = json.loads(Path(args.truth).read_text())["patients"]
     loaded = load_model(resolve_checkpoint(args.checkpoint))
-    manifest = inference_manifest(args.shards, training_normalization(loaded.identity))
+    manifest = inference_manifest(args.shards, loaded.identity["normalization"])
     batches = eval_loader(loaded, args.shards, args.split, manifest, batch_size=8)
     return args, truth, loaded, batches
 

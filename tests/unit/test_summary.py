@@ -1,58 +1,13 @@
-"""Validation metrics against scikit-learn / scikit-survival / lifelines."""
+"""Dice and the validation summary a training run reports (metrics/summary.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from lifelines.utils import concordance_index
-from sklearn.metrics import roc_auc_score
-from sksurv.metrics import concordance_index_censored
 
-from mmdls_dist.metrics import (
-    binary_auc,
-    dice_per_patient,
-    harrell_cindex,
-    macro_ovr_auc,
-    summarize,
-)
-
-
-def test_binary_auc_matches_sklearn_with_ties_and_unknowns():
-    rng = np.random.default_rng(0)
-    scores = np.round(rng.random(200), 1)  # many ties
-    labels = rng.integers(-1, 2, 200)
-    keep = labels >= 0
-    assert binary_auc(scores, labels) == pytest.approx(
-        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
-    )
-    assert np.isnan(binary_auc(scores, np.zeros(200, dtype=int)))
-    # Unbounded scores (risks, logits, raw intensities) keep their order exactly.
-    assert binary_auc(scores * 1000 + 50, labels) == pytest.approx(
-        roc_auc_score(labels[keep], scores[keep]), abs=1e-12
-    )
-
-
-def test_macro_auc_matches_sklearn():
-    rng = np.random.default_rng(1)
-    probs = rng.dirichlet(np.ones(3), 150)
-    labels = rng.integers(0, 3, 150)
-    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
-    assert macro_ovr_auc(probs, labels) == pytest.approx(expected, abs=1e-6)
-    assert np.isnan(macro_ovr_auc(probs, np.where(labels == 2, 0, labels)))  # a class absent
-
-
-def test_cindex_matches_sksurv_and_lifelines_with_ties():
-    rng = np.random.default_rng(2)
-    time = rng.integers(1, 30, 300).astype(float)  # tied times
-    event = rng.random(300) < 0.6
-    risk = np.round(rng.normal(size=300), 1)  # tied risks
-    expected = concordance_index_censored(event, time, risk)[0]
-    assert harrell_cindex(risk, time, event) == pytest.approx(expected, abs=1e-6)
-    assert harrell_cindex(risk, time, event) == pytest.approx(
-        concordance_index(time, -risk, event), abs=1e-6
-    )
-    assert np.isnan(harrell_cindex(risk, time, np.zeros(300, dtype=bool)))
+from mmdls_dist.metrics.segmentation import dice_per_patient, mean_dice
+from mmdls_dist.metrics.summary import composite, summarize
 
 
 def test_dice_excludes_empty_pairs():
@@ -65,6 +20,8 @@ def test_dice_excludes_empty_pairs():
     dice = dice_per_patient(pred, target, slice_mask)
     assert dice[0].item() == pytest.approx(2 / 3)
     assert torch.isnan(dice[1]) and torch.isnan(dice[2])
+    assert mean_dice(dice.numpy()) == (pytest.approx(2 / 3), 1)
+    assert np.isnan(mean_dice(dice[1:].numpy())[0])
 
 
 def test_summarize_gathers_all_metrics():
@@ -102,8 +59,6 @@ def test_summarize_gathers_all_metrics():
 
 
 def test_composite_is_the_mean_of_the_defined_task_metrics():
-    from mmdls_dist.metrics import composite
-
     m = {"auc_histology": 0.9, "auc_stage": 0.7, "cindex_dfs": 0.6, "cindex_os": 0.8}
     assert composite(m) == pytest.approx(0.75)
     assert composite(m | {"cindex_dfs": float("nan")}) == pytest.approx(0.8)

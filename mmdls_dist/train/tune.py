@@ -16,19 +16,17 @@ what keeps trials from starving each other.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pandas as pd
 import yaml
 
-from mmdls_dist.config import Config, dump_yaml, from_dict, to_dict, with_values
-from mmdls_dist.data.shards import join_url
+from mmdls_dist import storage
+from mmdls_dist.config import PRESETS_DIR, Config, dump_yaml, from_dict, to_dict, with_values
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ class Sweep:
             raise ValueError("sweep: num_samples >= 1, grace_period >= 1, reduction_factor >= 2")
 
 
-SWEEPS_DIR = Path(__file__).parent / "configs" / "sweeps"
+SWEEPS_DIR = PRESETS_DIR / "sweeps"
 
 
 def sweep_path(name_or_path: str) -> Path:
@@ -153,7 +151,7 @@ def trial_config(
     run = dataclasses.replace(
         cfg.run,
         name=trial_name,
-        storage_path=join_url(join_url(cfg.run.storage_path, sweep_name), "train-runs"),
+        storage_path=storage.join(cfg.run.storage_path, sweep_name, "train-runs"),
         cpus_per_worker=max(per_worker, 0.01),
     )
     return dataclasses.replace(cfg, run=run)
@@ -166,7 +164,7 @@ def make_trainable(base: dict, sweep_name: str, driver_cpus: float):
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from mmdls_dist.train import build_trainer, guard_run_identity
+        from mmdls_dist.train.launch import build_trainer, guard_run_identity
 
         trial = ray.tune.get_context().get_trial_name()
         cfg = trial_config(base, sample, sweep_name, trial, driver_cpus)
@@ -184,7 +182,7 @@ def build_tuner(base: Config, sweep: Sweep, name: str, *, resources: dict[str, f
     trainable = tune.with_resources(
         make_trainable(to_dict(base), name, sweep.driver_cpus), {"CPU": sweep.driver_cpus}
     )
-    path = join_url(base.run.storage_path, name)
+    path = storage.join(base.run.storage_path, name)
     if tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s", path)
         # Unfinished trials resume; failed ones stay failed and reported (rerunning them
@@ -265,11 +263,8 @@ def _trial_config(result) -> dict:
     without them, but Tune left params.json in the trial folder."""
     if result.config or not result.path:
         return result.config or {}
-    fs, path = fsspec.core.url_to_fs(join_url(result.path, "params.json"))
-    if fs.exists(path):
-        with fs.open(path, "r") as stream:
-            return json.load(stream)
-    return {}
+    url = storage.join(result.path, "params.json")
+    return storage.read_json(url) if storage.exists(url) else {}
 
 
 def _trial_error(result):
@@ -277,11 +272,8 @@ def _trial_error(result):
     but Tune left error.txt in the trial folder."""
     if result.error or not result.path:
         return result.error
-    fs, path = fsspec.core.url_to_fs(join_url(result.path, "error.txt"))
-    if fs.exists(path):
-        with fs.open(path, "r") as stream:
-            return stream.read() or "error"
-    return None
+    url = storage.join(result.path, "error.txt")
+    return (storage.read_text(url) or "error") if storage.exists(url) else None
 
 
 def _first_line(error) -> str:
@@ -318,17 +310,15 @@ def run_sweep(base: Config, sweep: Sweep, name: str) -> dict:
     tuner = build_tuner(base, sweep, name, resources=ray.cluster_resources())
     grid = tuner.fit()
     table = results_table(grid, sweep)
-    root = join_url(base.run.storage_path, name)
-    with fsspec.open(join_url(root, "results.csv"), "w") as stream:
-        table.to_csv(stream, index=False)
+    root = storage.join(base.run.storage_path, name)
+    storage.write_text(storage.join(root, "results.csv"), table.to_csv(index=False))
     best = best_config(base, table, sweep, name)
     if best is not None:
-        with fsspec.open(join_url(root, "best.yaml"), "w") as stream:
-            stream.write(dump_yaml(best))
+        storage.write_text(storage.join(root, "best.yaml"), dump_yaml(best))
     return {
         "root": root,
         "trials": len(table),
         "errors": int((table.status == "error").sum()) if len(table) else 0,
-        "best": None if best is None else join_url(root, "best.yaml"),
+        "best": None if best is None else storage.join(root, "best.yaml"),
         "table": table,
     }

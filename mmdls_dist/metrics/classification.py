@@ -1,10 +1,10 @@
-"""Classification metrics for the evaluation report: histology (binary) and stage (3 classes).
+"""Classification metrics: histology (binary) and stage (3 classes), for training-time
+validation and the evaluation report alike.
 
 Pure functions of numpy arrays; labels use -1 for "unknown", and those patients are left
-out of the task's metrics (as in training). scikit-learn computes AUC, average precision,
-Brier score, ROC/PR curves and confusion matrices; calibration error is written here
-because scikit-learn has no ECE (its calibration_curve drops empty bins and gives no
-weights).
+out of the task's metrics. scikit-learn computes AUC, average precision, Brier score,
+ROC/PR curves and confusion matrices; calibration error is written here because
+scikit-learn has no ECE (its calibration_curve drops empty bins and gives no weights).
 """
 
 from __future__ import annotations
@@ -26,6 +26,26 @@ def _known(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     labels = np.asarray(labels)
     keep = labels >= 0
     return np.asarray(probs, dtype=np.float64)[keep], labels[keep].astype(int)
+
+
+def binary_auc(scores, labels) -> float:
+    """ROC AUC of scores [n] (any scale, higher = class 1) for labels [n] in {0, 1, -1 =
+    unknown}; NaN unless both classes are present."""
+    scores, labels = _known(scores, labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def macro_ovr_auc(probs, labels) -> float:
+    """Mean one-vs-rest AUC over classes. probs [n, K], labels [n] in 0..K-1 or -1; NaN if
+    any class's AUC is undefined."""
+    labels = np.asarray(labels)
+    per_class = [
+        binary_auc(probs[:, k], np.where(labels < 0, -1, (labels == k).astype(int)))
+        for k in range(np.shape(probs)[1])
+    ]
+    return float(np.mean(per_class)) if not np.isnan(per_class).any() else float("nan")
 
 
 def reliability(prob: np.ndarray, label: np.ndarray, n_bins: int = ECE_BINS) -> dict:
@@ -100,7 +120,7 @@ def binary_metrics(prob, label, threshold: float) -> dict:
     fpr, tpr, _ = roc_curve(label, prob)
     precision, recall, _ = precision_recall_curve(label, prob)
     return out | {
-        "auc": float(roc_auc_score(label, prob)),
+        "auc": binary_auc(prob, label),
         "ap": float(average_precision_score(label, prob)),
         "brier": float(brier_score_loss(label, prob)),
         "reliability": reliability(prob, label),
@@ -124,15 +144,14 @@ def multiclass_metrics(probs, labels, class_names: tuple[str, ...]) -> dict:
         defined = 0 < y.sum() < len(y)
         per_class[name] = {
             "n": int(y.sum()),
-            "auc": float(roc_auc_score(y, probs[:, c])) if defined else float("nan"),
+            "auc": binary_auc(probs[:, c], y),
             "ap": float(average_precision_score(y, probs[:, c])) if defined else float("nan"),
         }
-    aucs = [v["auc"] for v in per_class.values()]
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     return {
         "n": int(len(labels)),
         "per_class": per_class,
-        "macro_auc": float(np.mean(aucs)) if not np.isnan(aucs).any() else float("nan"),
+        "macro_auc": macro_ovr_auc(probs, labels),
         "confusion": confusion_matrix(labels, predicted, labels=list(range(k))).tolist(),
         "accuracy": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
     }

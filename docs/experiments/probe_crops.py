@@ -1,7 +1,7 @@
 """Probe: what a small CNN learns about survival from lesion crops alone, or with the tables,
 trained on outcomes only (stage CE + DFS/OS Cox), without the rest of the network.
 
-    python bench/probe_crops.py SHARDS TRUTH_JSON [--inputs crops|tables|both]
+    python docs/experiments/probe_crops.py SHARDS TRUTH_JSON [--inputs crops|tables|both]
         [--radiomics full|rank4|off] [--norm batch|group|none] [--channels ct|mask|both]
         [--pool mean|meanstd] [--side 32] [--epochs 10] [--batch 16] [--lr 2e-3]
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,15 +25,13 @@ import torch.nn.functional as F  # noqa: N812
 from scipy.stats import spearmanr
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmdls_dist.config import DataConfig  # noqa: E402
-from mmdls_dist.data.loader import make_loader  # noqa: E402
-from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES  # noqa: E402
-from mmdls_dist.losses import cox_loss  # noqa: E402
-from mmdls_dist.metrics import harrell_cindex  # noqa: E402
-from mmdls_dist.model.descriptors import measure  # noqa: E402
-from mmdls_dist.model.reader import crop, locate  # noqa: E402
+from mmdls_dist.config import DataConfig
+from mmdls_dist.data.loader import make_loader
+from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
+from mmdls_dist.metrics.survival import harrell_c
+from mmdls_dist.model.descriptors import measure
+from mmdls_dist.model.reader import crop, locate
+from mmdls_dist.train.losses import cox_loss
 
 SIDE = 32
 DESCRIPTOR_COLUMNS = [2, 3]  # texture, irregularity (see model/descriptors.py)
@@ -134,7 +131,7 @@ def evaluate(out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     scores = {}
     for name, col, t in (("C DFS", 3, 1), ("C OS", 4, 3)):
         k = ~torch.isnan(y[:, t])
-        scores[name] = harrell_cindex(out[k, col].numpy(), y[k, t].numpy(), y[k, t + 1].numpy() > 0)
+        scores[name] = harrell_c(out[k, col].numpy(), y[k, t].numpy(), y[k, t + 1].numpy() > 0)
     scores["rho margin"] = spearmanr(out[:, 3], y[:, 5]).correlation
     scores["rho texture"] = spearmanr(out[:, 3], y[:, 6]).correlation
     return scores

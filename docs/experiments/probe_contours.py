@@ -1,7 +1,7 @@
 """Probe: what a model trained with model.given_lesion_mask loses when the lesion contours
 are withheld (CT-only patients), on one split.
 
-    python bench/probe_contours.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON [--split val]
+    python docs/experiments/probe_contours.py RUN_OR_CHECKPOINT SHARDS TRUTH_JSON [--split val]
 
 Scores the checkpoint twice on the same patients: with the contours the shards carry, and
 with every patient flagged as unannotated (the segmentor's own lesion mask everywhere, as
@@ -13,18 +13,12 @@ benchmark notes (README).
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from probe_descriptors import checkpoint_probe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from probe_descriptors import checkpoint_probe  # noqa: E402
-
-from mmdls_dist.metrics import harrell_cindex  # noqa: E402
+from mmdls_dist.metrics.survival import harrell_c
 
 ENDPOINTS = ("dfs", "os")
 
@@ -62,7 +56,7 @@ def main() -> None:
                 risk = np.array([truth[p][f"eta_{e}"] for p in table["pid"]])
             else:
                 risk = table[f"{e}_{key}"]
-            c = harrell_cindex(risk[k], table[f"{e}_time"][k], table[f"{e}_event"][k])
+            c = harrell_c(risk[k], table[f"{e}_time"][k], table[f"{e}_event"][k])
             cells.append(f"{c:8.3f}")
         print(f"{label:<28}{''.join(cells)}")
 

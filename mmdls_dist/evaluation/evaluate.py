@@ -1,113 +1,55 @@
 """Evaluation: predictions table -> every number of the report, per split and per center.
 
-Flow: predictions of the training split -> `Reference` (Breslow baselines, censoring
-distribution and risk-group cut-points from *train*; the histology threshold from *val*)
--> `group_metrics` for each split and each center of it, with patient-level bootstrap CIs
-for the headline metrics -> one JSON-ready dict. Nothing here is fitted on the set being
-evaluated: that is what the original research code got wrong (cut-points from the
-evaluated set, a min-max-scaled risk as "Brier").
+Flow: predictions -> the `Reference` fixed on the training cohort (reference.py) ->
+`group_metrics` for each split and each center of it, with patient-level bootstrap CIs
+for the headline metrics -> metrics.json, predictions-<label>.csv, reference-<label>.json
+and report.html. Nothing here is fitted on the set being evaluated: that is what the
+original research code got wrong (cut-points from the evaluated set, a min-max-scaled
+risk as "Brier").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 
-from mmdls_dist.classification_metrics import (
-    ECE_BINS,
-    binary_metrics,
-    multiclass_metrics,
-    youden_threshold,
-)
+from mmdls_dist import storage
+from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.inference import STAGES, stage_probs
-from mmdls_dist.metrics import macro_ovr_auc
-from mmdls_dist.survival_metrics import (
-    ENDPOINTS,
-    BreslowBaseline,
-    CensoringKM,
+from mmdls_dist.evaluation.inference import stage_probs
+from mmdls_dist.evaluation.reference import (
+    HORIZONS,
+    Reference,
+    endpoint_arrays,
+    load_reference,
+    reference_for,
+)
+from mmdls_dist.metrics.classification import (
+    ECE_BINS,
+    binary_auc,
+    binary_metrics,
+    macro_ovr_auc,
+    multiclass_metrics,
+)
+from mmdls_dist.metrics.segmentation import mean_dice
+from mmdls_dist.metrics.survival import (
     assign_risk_groups,
     brier_scores,
     cumulative_dynamic_auc,
     harrell_c,
     integrated_brier,
     kaplan_meier_groups,
-    risk_cutpoints,
     uno_c,
 )
 
 log = logging.getLogger(__name__)
 
-HORIZONS = (12.0, 24.0, 36.0)  # months: time-dependent AUC, Brier, survival probabilities
 AT_RISK_TIMES = (0.0, 12.0, 24.0, 36.0, 48.0, 60.0)  # months, under the KM curves
-
-
-@dataclass
-class Reference:
-    """What the evaluated sets are scored against, all fixed on the training cohort."""
-
-    histology_threshold: float  # Youden on the validation split (0.5 if undefined)
-    cutpoints: dict[str, list[float]]  # endpoint -> risk tertiles of the training split
-    baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 on the training split
-    censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
-    horizons: tuple[float, ...] = HORIZONS
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "histology_threshold": self.histology_threshold,
-            "cutpoints": self.cutpoints,
-            "baselines": {e: b.to_dict() for e, b in self.baselines.items()},
-            "censoring": {e: c.to_dict() for e, c in self.censoring.items()},
-            "horizons": list(self.horizons),
-            "notes": self.notes,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Reference:
-        return cls(
-            histology_threshold=d["histology_threshold"],
-            cutpoints=d["cutpoints"],
-            baselines={e: BreslowBaseline.from_dict(b) for e, b in d["baselines"].items()},
-            censoring={e: CensoringKM.from_dict(c) for e, c in d["censoring"].items()},
-            horizons=tuple(d["horizons"]),
-            notes=list(d.get("notes", [])),
-        )
-
-
-def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
-    """-> (risk, time, event) of the patients whose `endpoint` label is known."""
-    known = frame[f"{endpoint}_known"].to_numpy(bool)
-    sub = frame[known]
-    return (
-        sub[f"{endpoint}_risk"].to_numpy(float),
-        sub[f"{endpoint}_time"].to_numpy(float),
-        sub[f"{endpoint}_event"].to_numpy(bool),
-    )
-
-
-def fit_reference(train: pd.DataFrame, val: pd.DataFrame | None) -> Reference:
-    """Fit the reference on the training split's predictions (threshold on validation)."""
-    notes = []
-    if val is not None and len(val):
-        threshold = youden_threshold(val["histology_prob"], val["histology"])
-    else:
-        threshold = 0.5
-        notes.append("no validation split: histology threshold fixed at 0.5")
-    cutpoints, baselines, censoring = {}, {}, {}
-    for endpoint in ENDPOINTS:
-        risk, time, event = endpoint_arrays(train, endpoint)
-        cutpoints[endpoint] = risk_cutpoints(risk)
-        baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
-        censoring[endpoint] = CensoringKM.fit(time, event)
-    return Reference(threshold, cutpoints, baselines, censoring, notes=notes)
 
 
 # --- metrics of one group of patients ------------------------------------------------------
@@ -153,12 +95,8 @@ def segmentation_block(frame: pd.DataFrame) -> dict:
     """Mean Dice per structure over patients; empty-vs-empty patients (NaN) are excluded."""
     out = {}
     for key in ("dice_lung", "dice_lesion"):
-        if key not in frame:
-            continue
-        values = frame[key].to_numpy(float)
-        values = values[np.isfinite(values)]
-        out[key] = float(values.mean()) if len(values) else math.nan
-        out[f"{key}_n"] = int(len(values))
+        if key in frame:
+            out[key], out[f"{key}_n"] = mean_dice(frame[key].to_numpy(float))
     return out
 
 
@@ -188,7 +126,7 @@ def headline(frame: pd.DataFrame, ref: Reference) -> dict[str, float]:
     y, p = frame["histology"].to_numpy(), frame["histology_prob"].to_numpy()
     keep = y >= 0
     if len(np.unique(y[keep])) == 2:
-        out["histology.auc"] = roc_auc_score(y[keep], p[keep])
+        out["histology.auc"] = binary_auc(p, y)
         out["histology.ap"] = average_precision_score(y[keep], p[keep])
     out["stage.macro_auc"] = macro_ovr_auc(stage_probs(frame), frame["stage"].to_numpy())
     for endpoint in ENDPOINTS:
@@ -251,42 +189,6 @@ def evaluate_frame(
 # --- the job: checkpoints + shards -> metrics.json, predictions, report.html ---------------
 
 
-def _jsonable(value):
-    """NaN / inf -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def load_reference(path: str | Path) -> Reference:
-    """A reference-<label>.json written by an earlier evaluation (where the training shards
-    were reachable), for scoring a cohort where they are not."""
-    return Reference.from_dict(json.loads(Path(path).read_text()))
-
-
-def reference_for(
-    ckpt: str, frame: pd.DataFrame, shards: str, reference_shards: str | None, **inference
-) -> Reference:
-    """The Reference from the training cohort: the evaluated frame itself when it holds the
-    training split, else inference on the training shards (the checkpoint's own by default)."""
-    from mmdls_dist.inference import checkpoint_identity, run_inference
-
-    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
-    if source != shards or "train" not in set(frame["split"]):
-        have = set(load_manifest(source)["splits"])
-        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have], **inference)
-    if "train" not in set(frame["split"]):
-        raise ValueError(f"{source}: no training split to fix the reference on")
-    val = frame[frame["split"] == "val"]
-    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None)
-
-
 def run_evaluation(
     checkpoints: dict[str, str],
     shards: str,
@@ -306,8 +208,9 @@ def run_evaluation(
     training split (one model only). Writes to `out`: metrics.json, predictions-<label>.csv,
     reference-<label>.json (what `mmdls predict` applies to new patients), report.html and
     figures/. Returns metrics."""
-    from mmdls_dist.inference import overlay_batch, resolve_checkpoint, run_inference
-    from mmdls_dist.report import overlay_samples, slug, write_report
+    from mmdls_dist.evaluation.figures import overlay_samples
+    from mmdls_dist.evaluation.inference import overlay_batch, resolve_checkpoint, run_inference
+    from mmdls_dist.evaluation.report import slug, write_report
 
     if reference and len(checkpoints) > 1:
         raise ValueError("--reference fits one model; evaluate the models one at a time")
@@ -333,8 +236,8 @@ def run_evaluation(
         results[label] = evaluate_frame(frame, ref, splits, n_boot, seed, min_center_patients)
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
-        (out / f"reference-{slug(label)}.json").write_text(
-            json.dumps(_jsonable({"checkpoint": ckpt, **ref.to_dict()}), indent=1)
+        storage.write_json(
+            str(out / f"reference-{slug(label)}.json"), {"checkpoint": ckpt, **ref.to_dict()}
         )
         batch, output = overlay_batch(ckpt, shards, overlay_split)
         overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []
@@ -352,7 +255,7 @@ def run_evaluation(
         },
         "models": models,
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    storage.write_json(str(out / "metrics.json"), metrics)
     summary = (
         f"{len(checkpoints)} model(s) on {shards}; splits {', '.join(splits)}; 95% CIs from "
         f"{n_boot} patient-level bootstrap resamples; horizons "

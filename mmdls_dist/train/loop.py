@@ -1,6 +1,6 @@
-"""Distributed training on Ray Train: the per-worker loop and the TorchTrainer around it.
+"""The per-worker training loop that Ray Train runs on every rank (launch.py starts it).
 
-Flow: Config -> dict (what Ray carries) -> rebuilt in each worker -> loaders, model, losses,
+Flow: config dict (what Ray carries) -> rebuilt in each worker -> loaders, model, losses,
 optimizer -> per step Batch -> ModelOutput -> LossOutput -> per epoch metrics ->
 ray.train.report (+ checkpoint from rank 0) -> TensorBoard and the driver.
 """
@@ -8,7 +8,6 @@ ray.train.report (+ checkpoint from rank 0) -> TensorBoard and the driver.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -18,26 +17,23 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmdls_dist import checkpoint
+from mmdls_dist import storage
 from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
-from mmdls_dist.data.shards import join_url, load_manifest, manifest_hash
-from mmdls_dist.distributed import gather_with_grad, rank_and_world
-from mmdls_dist.losses import TaskWeighting, compute_losses
-from mmdls_dist.metrics import dice_per_patient, summarize
+from mmdls_dist.data.shards import load_manifest, manifest_hash
+from mmdls_dist.metrics.summary import summarize
 from mmdls_dist.model.mmdls import MMDLS
+from mmdls_dist.model.output import prediction_records
+from mmdls_dist.train import checkpoint
+from mmdls_dist.train.distributed import gather_with_grad, rank_and_world
+from mmdls_dist.train.losses import TaskWeighting, compute_losses
 
 log = logging.getLogger(__name__)
-
-RUN_IDENTITY = "mmdls_run.json"
-BEST = "best.json"
 
 
 class TrainModule(nn.Module):
@@ -150,7 +146,8 @@ class Trainer:
     def restore(self, directory: str) -> None:
         state, identity = checkpoint.load(directory)
         checkpoint.check_compatible(identity, self.identity, f"run {self.cfg.run.name!r}")
-        self.core.load_state_dict(state["module"])
+        self.core.model.load_state_dict(state["model"])
+        self.core.weighting.load_state_dict(state["weighting"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
@@ -162,7 +159,8 @@ class Trainer:
         checkpoint.save(
             directory,
             modules={
-                "module": self.core,
+                "model": self.core.model,
+                "weighting": self.core.weighting,
                 "optimizer": self.optimizer,
                 "scheduler": self.scheduler,
                 "scaler": self.scaler,
@@ -172,7 +170,7 @@ class Trainer:
             metrics=metrics,
         )
 
-    def _step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, torch.Tensor]:
+    def step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, torch.Tensor]:
         """One micro-batch; returns the detached loss terms as device tensors (no host sync:
         the epoch sums them and reads them once)."""
         sync = self.world == 1 or last_micro
@@ -212,7 +210,7 @@ class Trainer:
             waited += time.perf_counter() - tick
             batch = batch.to(self.device)
             last = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
-            for key, value in self._step(batch, gt_weight, last).items():
+            for key, value in self.step(batch, gt_weight, last).items():
                 sums[key] += value
             n_batches += 1
             n_patients += len(batch)
@@ -256,43 +254,6 @@ class Trainer:
         return summarize(merged, prefix="val/"), merged, *(first or (None, None))
 
 
-def prediction_records(batch: Batch, out) -> list[dict]:
-    """Per-patient predictions and labels as plain Python (for gathering across ranks)."""
-    cpu = {
-        "histology_prob": torch.sigmoid(out.histology_logit.float()),
-        "stage_probs": torch.softmax(out.stage_logits.float(), dim=1),
-        "dfs_risk": out.dfs_log_hazard.float(),
-        "os_risk": out.os_log_hazard.float(),
-    }
-    if out.lung_logits is not None:
-        cpu["dice_lung"] = dice_per_patient(out.lung_logits > 0, batch.lung_mask, batch.slice_mask)
-        lesion = dice_per_patient(out.lesion_logits > 0, batch.lesion_mask, batch.slice_mask)
-        cpu["dice_lesion"] = torch.where(batch.lesion_annotated, lesion, torch.nan)
-    cpu = {k: v.cpu().tolist() for k, v in cpu.items()}
-    labels = {
-        k: getattr(batch, k).cpu().tolist()
-        for k in (
-            "histology",
-            "stage",
-            "dfs_time",
-            "dfs_event",
-            "dfs_known",
-            "os_time",
-            "os_event",
-            "os_known",
-        )
-    }
-    return [
-        {
-            "patient_id": pid,
-            "center": center,
-            **{k: v[i] for k, v in cpu.items()},
-            **{k: v[i] for k, v in labels.items()},
-        }
-        for i, (pid, center) in enumerate(zip(batch.patient_id, batch.center, strict=True))
-    ]
-
-
 def score_of(metrics: dict, cfg: Config) -> float:
     """run.metric for ranking checkpoints; NaN (undefined on this split) ranks last."""
     value = metrics.get(cfg.run.metric, float("nan"))
@@ -307,9 +268,8 @@ def improved(value: float, best: float | None, mode: str) -> bool:
 
 def local_run_dir(cfg: Config) -> Path | None:
     """The run folder when storage is local (chaos markers, TensorBoard), else None."""
-    if "://" in cfg.run.storage_path:
-        return None
-    return Path(cfg.run.storage_path) / cfg.run.name
+    local = storage.local_path(cfg.run.storage_path)
+    return None if local is None else local / cfg.run.name
 
 
 def setup_worker_logging(rank: int) -> None:
@@ -333,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mmdls_dist.tensorboard import EpochLogger
+    from mmdls_dist.train.tensorboard import EpochLogger
 
     cfg = from_dict(Config, config)
     context = ray.train.get_context()
@@ -412,83 +372,3 @@ def _brief(metrics: dict) -> str:
         "train/patients_per_s",
     )
     return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
-
-
-# --- driver side -------------------------------------------------------------------------
-
-
-def run_url(cfg: Config) -> str:
-    return join_url(cfg.run.storage_path, cfg.run.name)
-
-
-def guard_run_identity(cfg: Config) -> dict:
-    """First start: record the run's config + data identity. Restart: refuse a mismatch
-    before any worker starts (the workers check the checkpoint itself again)."""
-    identity = {
-        "config": to_dict(cfg),
-        "manifest_hash": manifest_hash(load_manifest(cfg.data.shards)),
-    }
-    url = join_url(run_url(cfg), RUN_IDENTITY)
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        with fs.open(path, "r") as stream:
-            checkpoint.check_compatible(json.load(stream), identity, f"run {cfg.run.name!r}")
-    else:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as stream:
-            json.dump(identity, stream, indent=1)
-    return identity
-
-
-def build_trainer(cfg: Config, callbacks: list | None = None):
-    """The TorchTrainer for a config (also what a Tune trial builds, with Tune's report
-    callback in `callbacks`)."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        resources["GPU"] = 1
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RayRunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
-            callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.run.checkpoints_to_keep or None,
-                checkpoint_score_attribute="score",
-                checkpoint_score_order=cfg.run.mode,
-            ),
-        ),
-    )
-
-
-def fit(cfg: Config):
-    """Train (or resume) the run; writes best.json beside the checkpoints. -> ray Result."""
-    guard_run_identity(cfg)
-    result = build_trainer(cfg).fit()
-    best = result.get_best_checkpoint(metric="score", mode=cfg.run.mode)
-    if best is not None:
-        metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
-        with fsspec.open(join_url(run_url(cfg), BEST), "w") as stream:
-            json.dump(
-                {"checkpoint": best.path, "metric": cfg.run.metric, "metrics": _jsonable(metrics)},
-                stream,
-                indent=1,
-            )
-    return result
-
-
-def _jsonable(metrics: dict) -> dict:
-    return {
-        k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float, str, bool))
-    }

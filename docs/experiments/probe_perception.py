@@ -1,7 +1,7 @@
 """Probe: how close to the oracle C-index can any model get on a synthetic cohort, given how
 well the lesion's margin and texture can be read from its pixels?
 
-    python bench/probe_perception.py SHARDS TRUTH_JSON [--side 32] [--epochs 30]
+    python docs/experiments/probe_perception.py SHARDS TRUTH_JSON [--side 32] [--epochs 30]
 
 Issue #4 asks for >= 0.95 of the oracle C-index. The oracle is the generator's true linear
 predictor; a model has to recover its two imaging terms, the lesion margin (spiculation)
@@ -27,21 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from probe_crops import SIDE, Probe, load
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from probe_crops import SIDE, Probe, load  # noqa: E402
-
-from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES  # noqa: E402
-from mmdls_dist.metrics import harrell_cindex  # noqa: E402
+from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
+from mmdls_dist.metrics.survival import harrell_c
 
 N_CLINICAL, N_PET = len(CLINICAL_FEATURES), len(PET_FEATURES)  # each followed by its flags
 
@@ -106,7 +101,7 @@ def cox_cindex(x_train, y_train, x_val, y_val, col: int) -> float:
     cph = CoxPHFitter(penalizer=0.01).fit(frame(x_train, y_train), "time", "event")
     val = frame(x_val, y_val)
     risk = np.log(cph.predict_partial_hazard(val.drop(columns=["time", "event"])).values)
-    return harrell_cindex(risk, val["time"].values, val["event"].values > 0)
+    return harrell_c(risk, val["time"].values, val["event"].values > 0)
 
 
 def main() -> None:
@@ -140,7 +135,7 @@ def main() -> None:
         known = ~torch.isnan(val["y"][:, col])
         y = val["y"][known]
         eta = val["eta"][known, k].numpy()
-        oracle[endpoint] = harrell_cindex(eta, y[:, col].numpy(), y[:, col + 1].numpy() > 0)
+        oracle[endpoint] = harrell_c(eta, y[:, col].numpy(), y[:, col + 1].numpy() > 0)
     print(f"{'oracle':<26}{oracle['dfs']:>16.3f}{oracle['os']:>16.3f}")
     for label, (extra_train, extra_val) in rows.items():
         x_train = np.concatenate([tab_train, *extra_train], 1)

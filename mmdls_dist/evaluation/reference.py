@@ -1,0 +1,104 @@
+"""The reference an evaluated cohort is scored against, fixed on the training cohort: the
+Breslow baselines, censoring distributions and risk-group cut-points of the *training*
+split, and the histology threshold of the *validation* split. `mmdls evaluate` writes it as
+reference-<label>.json; `mmdls predict` and an evaluation at a site without the training
+shards apply it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mmdls_dist.data.schema import ENDPOINTS
+from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.evaluation.inference import checkpoint_identity, run_inference
+from mmdls_dist.metrics.classification import youden_threshold
+from mmdls_dist.metrics.survival import BreslowBaseline, CensoringKM, risk_cutpoints
+
+HORIZONS = (12.0, 24.0, 36.0)  # months: time-dependent AUC, Brier, survival probabilities
+
+
+@dataclass
+class Reference:
+    """What the evaluated sets are scored against, all fixed on the training cohort."""
+
+    histology_threshold: float  # Youden on the validation split (0.5 if undefined)
+    cutpoints: dict[str, list[float]]  # endpoint -> risk tertiles of the training split
+    baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 on the training split
+    censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
+    horizons: tuple[float, ...] = HORIZONS
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "histology_threshold": self.histology_threshold,
+            "cutpoints": self.cutpoints,
+            "baselines": {e: b.to_dict() for e, b in self.baselines.items()},
+            "censoring": {e: c.to_dict() for e, c in self.censoring.items()},
+            "horizons": list(self.horizons),
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Reference:
+        return cls(
+            histology_threshold=d["histology_threshold"],
+            cutpoints=d["cutpoints"],
+            baselines={e: BreslowBaseline.from_dict(b) for e, b in d["baselines"].items()},
+            censoring={e: CensoringKM.from_dict(c) for e, c in d["censoring"].items()},
+            horizons=tuple(d["horizons"]),
+            notes=list(d.get("notes", [])),
+        )
+
+
+def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
+    """-> (risk, time, event) of the patients whose `endpoint` label is known."""
+    known = frame[f"{endpoint}_known"].to_numpy(bool)
+    sub = frame[known]
+    return (
+        sub[f"{endpoint}_risk"].to_numpy(float),
+        sub[f"{endpoint}_time"].to_numpy(float),
+        sub[f"{endpoint}_event"].to_numpy(bool),
+    )
+
+
+def fit_reference(train: pd.DataFrame, val: pd.DataFrame | None) -> Reference:
+    """Fit the reference on the training split's predictions (threshold on validation)."""
+    notes = []
+    if val is not None and len(val):
+        threshold = youden_threshold(val["histology_prob"], val["histology"])
+    else:
+        threshold = 0.5
+        notes.append("no validation split: histology threshold fixed at 0.5")
+    cutpoints, baselines, censoring = {}, {}, {}
+    for endpoint in ENDPOINTS:
+        risk, time, event = endpoint_arrays(train, endpoint)
+        cutpoints[endpoint] = risk_cutpoints(risk)
+        baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
+        censoring[endpoint] = CensoringKM.fit(time, event)
+    return Reference(threshold, cutpoints, baselines, censoring, notes=notes)
+
+
+def load_reference(path: str | Path) -> Reference:
+    """A reference-<label>.json written by an earlier evaluation (where the training shards
+    were reachable), for scoring a cohort where they are not."""
+    return Reference.from_dict(json.loads(Path(path).read_text()))
+
+
+def reference_for(
+    ckpt: str, frame: pd.DataFrame, shards: str, reference_shards: str | None, **inference
+) -> Reference:
+    """The Reference from the training cohort: the evaluated frame itself when it holds the
+    training split, else inference on the training shards (the checkpoint's own by default)."""
+    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
+    if source != shards or "train" not in set(frame["split"]):
+        have = set(load_manifest(source)["splits"])
+        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have], **inference)
+    if "train" not in set(frame["split"]):
+        raise ValueError(f"{source}: no training split to fix the reference on")
+    val = frame[frame["split"] == "val"]
+    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None)

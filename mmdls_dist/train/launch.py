@@ -1,0 +1,73 @@
+"""The driver side of a training run: the TorchTrainer around the per-worker loop, the run's
+identity guard, and best.json beside the checkpoints. Ray is imported only inside."""
+
+from __future__ import annotations
+
+from mmdls_dist import storage
+from mmdls_dist.config import Config, to_dict
+from mmdls_dist.data.shards import load_manifest, manifest_hash
+from mmdls_dist.train import checkpoint
+from mmdls_dist.train.loop import train_loop_per_worker
+
+
+def run_url(cfg: Config) -> str:
+    return storage.join(cfg.run.storage_path, cfg.run.name)
+
+
+def guard_run_identity(cfg: Config) -> dict:
+    """First start: record the run's config + data identity. Restart: refuse a mismatch
+    before any worker starts (the workers check the checkpoint itself again)."""
+    identity = {
+        "config": to_dict(cfg),
+        "manifest_hash": manifest_hash(load_manifest(cfg.data.shards)),
+    }
+    url = storage.join(run_url(cfg), checkpoint.RUN_IDENTITY)
+    if storage.exists(url):
+        checkpoint.check_compatible(storage.read_json(url), identity, f"run {cfg.run.name!r}")
+    else:
+        storage.write_json(url, identity)
+    return identity
+
+
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for a config (also what a Tune trial builds, with Tune's report
+    callback in `callbacks`)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RayRunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep or None,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order=cfg.run.mode,
+            ),
+        ),
+    )
+
+
+def fit(cfg: Config):
+    """Train (or resume) the run; writes best.json beside the checkpoints. -> ray Result."""
+    guard_run_identity(cfg)
+    result = build_trainer(cfg).fit()
+    best = result.get_best_checkpoint(metric="score", mode=cfg.run.mode)
+    if best is not None:
+        metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        storage.write_json(
+            storage.join(run_url(cfg), checkpoint.BEST),
+            {"checkpoint": best.path, "metric": cfg.run.metric, "metrics": metrics},
+        )
+    return result
