@@ -27,7 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmdls_dist.config import load_config, to_dict  # noqa: E402
+from mmdls_dist.config import EvalConfig, load_config, to_dict  # noqa: E402
 from mmdls_dist.data.prepare import resolve_data  # noqa: E402
 from mmdls_dist.data.shards import load_manifest, manifest_hash  # noqa: E402
 from mmdls_dist.evaluation.evaluate import evaluate_frame, run_evaluation  # noqa: E402
@@ -67,9 +67,9 @@ def throughput(args: argparse.Namespace) -> None:
     cfg = load_config(
         "debug",
         [
-            f"prep.patients={args.patients}",
-            "prep.synth_image_size=96",
-            "prep.shard_image_size=96",
+            f"synth.patients={args.patients}",
+            "synth.image_size=96",
+            "prep.image_size=96",
             "data.max_slices=12",
         ],
     )
@@ -83,10 +83,8 @@ def throughput(args: argparse.Namespace) -> None:
         {"model": ckpt},
         cfg.data.shards,
         out / "report",
-        n_boot=args.bootstrap,
-        mapper=ray_mapper("inference"),
-        parts=args.parts,
-        batch_size=8,
+        EvalConfig(bootstrap=args.bootstrap, parts=args.parts, batch_size=8),
+        ray_mapper("inference"),
     )
     seconds = time.perf_counter() - t0
     size = load_manifest(cfg.data.shards)["image_size"]
@@ -137,8 +135,9 @@ def metrics(args: argparse.Namespace) -> None:
         frame = prediction_table(n, rng)
         for n_boot in (0, args.bootstrap):
             t0 = time.perf_counter()
-            ref = fit_reference(frame[frame.split == "train"], None)
-            result = evaluate_frame(frame, ref, ["test"], n_boot=n_boot)
+            cfg = EvalConfig(bootstrap=n_boot)
+            ref = fit_reference(frame[frame.split == "train"], None, cfg.horizons)
+            result = evaluate_frame(frame, ref, ["test"], cfg)
             seconds = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             assert 0.6 < result["test"]["all"]["os"]["harrell_c"] < 0.8

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mmdls_dist.config import load_config
+from mmdls_dist.config import PrepConfig, SynthConfig, load_config
 from mmdls_dist.data.ingest import read_cohort
-from mmdls_dist.data.shards import MANIFEST, ShardOptions, build_shards
-from mmdls_dist.data.splits import SplitRecipe
-from mmdls_dist.data.synth import SynthSpec, generate
+from mmdls_dist.data.shards import MANIFEST, build_shards
+from mmdls_dist.data.synth import generate
 from mmdls_dist.train.loop import Trainer
 
 
@@ -38,16 +37,17 @@ def make_shards(out: Path, patients: int, processes: int) -> str:
             return pool.map(fn, items)
 
         t0 = time.perf_counter()
-        spec = SynthSpec(
-            n_patients=patients, n_centers=1, image_size=224, min_slices=30, max_slices=40
+        spec = SynthConfig(
+            patients=patients, centers=1, image_size=224, min_slices=30, max_slices=40
         )
         generate(spec, out / "raw", out / "truth.json", mapper=mapper)
         report = read_cohort(out / "raw", mapper=mapper)
         build_shards(
             report,
             shards,
-            SplitRecipe(val_fraction=0.1, test_fraction=0.0),
-            ShardOptions(image_size=224, max_patients_per_shard=16),
+            PrepConfig(
+                image_size=224, max_patients_per_shard=16, val_fraction=0.1, test_fraction=0.0
+            ),
             mapper=mapper,
         )
         print(

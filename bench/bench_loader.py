@@ -25,12 +25,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmdls_dist.config import DataConfig  # noqa: E402
+from mmdls_dist.config import (  # noqa: E402
+    DataConfig,  # noqa: E402
+    PrepConfig,
+    SynthConfig,
+)
 from mmdls_dist.data.ingest import read_cohort  # noqa: E402
 from mmdls_dist.data.loader import make_loader  # noqa: E402
-from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest  # noqa: E402
-from mmdls_dist.data.splits import SplitRecipe  # noqa: E402
-from mmdls_dist.data.synth import SynthSpec, generate  # noqa: E402
+from mmdls_dist.data.shards import build_shards, load_manifest  # noqa: E402
+from mmdls_dist.data.synth import generate  # noqa: E402
 
 SIZE, SLICES, BATCH = 224, 30, 4
 
@@ -83,9 +86,9 @@ def main() -> None:
     raw, shards = out / "raw", out / "shards"
     if not (shards / "manifest.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        spec = SynthSpec(
-            n_patients=args.patients,
-            n_centers=1,
+        spec = SynthConfig(
+            patients=args.patients,
+            centers=1,
             image_size=SIZE,
             min_slices=SLICES,
             max_slices=SLICES,
@@ -95,8 +98,7 @@ def main() -> None:
         build_shards(
             read_cohort(raw),
             shards,
-            SplitRecipe(val_fraction=0.0, test_fraction=0.0),
-            ShardOptions(image_size=SIZE),
+            PrepConfig(image_size=SIZE, val_fraction=0.0, test_fraction=0.0),
         )
     manifest = load_manifest(str(shards))
     ids = [k for e in manifest["shards"] for k in e["keys"]]

@@ -42,11 +42,11 @@ def bench_config(args: argparse.Namespace, *overrides: str) -> Config:
     return load_config(
         "debug",
         [
-            f"prep.patients={args.patients}",
-            f"prep.synth_image_size={args.size}",
-            f"prep.shard_image_size={args.size}",
-            "prep.min_slices=8",
-            "prep.max_slices=16",
+            f"synth.patients={args.patients}",
+            f"synth.image_size={args.size}",
+            f"prep.image_size={args.size}",
+            "synth.min_slices=8",
+            "synth.max_slices=16",
             "prep.val_fraction=0.2",
             "prep.test_fraction=0.1",
             f"data.max_slices={args.slices}",

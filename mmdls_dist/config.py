@@ -1,123 +1,53 @@
-"""Typed configuration. Each field has one doc line (unit, valid range) and is validated on
-creation; unknown keys and wrong types fail loudly, naming the field.
+"""Typed configuration for every command. Each field has one doc comment (unit, valid
+range; it is also the field's --help text) and is validated on creation; unknown keys and
+wrong types fail loudly, naming the field.
 
-YAML presets live in mmdls_dist/configs/ (debug, default, paper); `load_config(preset,
-overrides)` applies repeated `section.key=value` overrides (values parsed as YAML). What
-Ray and Tune carry is `to_dict(cfg)`; workers rebuild the Config with `from_dict`.
+Blocks: data, model, loss, optim, run (training), synth (a synthetic cohort), prep (raw
+export -> shards), eval (evaluation and prediction), chaos (fault drills). YAML presets
+live in mmdls_dist/configs/ (debug, default, paper); `load_config(preset, overrides)`
+applies repeated `section.key=value` overrides (values parsed as YAML). A command's own
+flags (`mmdls shard --val-fraction 0.15`) are such overrides (options.add_flags). What Ray
+and Tune carry is `to_dict(cfg)`; workers rebuild the Config with `from_dict`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmdls_dist.options import apply_overrides, choice, from_dict, to_dict, yaml_value
+
 PRESETS_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "debug"  # what every command loads without --config: CPU-sized, synthetic
+
+# Field metadata: the field (or, on a Config field, the whole block) may differ between a
+# run and its resumption: where and how it runs, how long, loader performance knobs.
+# Everything else changes the experiment, and resuming with a different value is refused.
+RESUMABLE = {"resumable": True}
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 3e-4 as a float (YAML 1.1 insists on 3.0e-4)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def _check_type(path: str, value: Any, hint: Any) -> Any:
-    """Coerce int->float where a float is wanted; otherwise the type must match exactly."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(path, value, arg)
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(f"{path}: expected {hint}, got {type(value).__name__}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{path}: expected a list, got {type(value).__name__}")
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool):
-        raise TypeError(f"{path}: expected int, got bool")
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise TypeError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
-
-
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build a config dataclass from a plain dict; unknown keys are an error."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{path}." if path else ""
-        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        field_path = f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, field_path)
-        else:
-            kwargs[name] = _check_type(field_path, value, hint)
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """Plain, JSON/YAML-safe dict (tuples become lists); from_dict(type(c), to_dict(c)) == c."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{path} must be one of {allowed}, got {value!r}")
+def resumable(default: Any) -> Any:
+    return field(default=default, metadata=RESUMABLE)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how each training worker streams them."""
 
-    shards: str = ""  # folder or object-store prefix (s3://, gs://) holding manifest.json
+    shards: str = resumable("")  # folder or object-store prefix (s3://, gs://) holding
+    # manifest.json (a resumed run may read a moved copy: the manifest hash must match)
     batch_size: int = 4  # patients per rank per step, >= 1
     max_slices: int = 30  # slices per patient fed to the model (evenly spaced; padded), >= 1
     image_size: int = 0  # pixels per side fed to the model; 0 = as stored in the shards
-    num_workers: int = 2  # DataLoader worker processes per rank, >= 0
-    prefetch_factor: int = 2  # batches prefetched per DataLoader worker, >= 1
-    pin_memory: bool = False  # page-locked host batches (set True on GPU)
+    num_workers: int = resumable(2)  # DataLoader worker processes per rank, >= 0
+    prefetch_factor: int = resumable(2)  # batches prefetched per DataLoader worker, >= 1
+    pin_memory: bool = resumable(False)  # page-locked host batches (set True on GPU)
     shuffle_buffer: int = 16  # patients held in each stream's shuffle buffer; <= 1 = off
     steps_per_epoch: int | None = None  # batches per rank per epoch; None = one pass
-    verify: str = "full"  # "full": sha256 of every shard before use; "size": sizes only
+    verify: str = resumable("full")  # "full": sha256 of every shard before use; "size": sizes
     seed: int = 0  # shard order / shuffle seed (combined with epoch, rank, worker)
 
     def __post_init__(self) -> None:
@@ -130,7 +60,7 @@ class DataConfig:
             raise ValueError("data.image_size must be 0 or in 16..1024")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError("data.steps_per_epoch must be >= 1 or None")
-        _choice("data.verify", self.verify, ("full", "size"))
+        choice("data.verify", self.verify, ("full", "size"))
 
 
 @dataclass(frozen=True)
@@ -161,10 +91,10 @@ class ModelConfig:
     # many dimensions with input dropout 0.5 (128 noisy columns over-fit a full MLP); 0 = MLP
     patient_fusion: str = "attention"  # "attention" over modality tokens, or "concat" + MLP
     survival_sees_classification: bool = True  # survival heads get soft histology/stage
-    use_imaging: bool = True  # CT branch (segmentor + encoders + slice fusion)
-    use_radiomics: bool = True
-    use_pet: bool = True
-    use_clinical: bool = True
+    use_imaging: bool = True  # CT branch (segmentor, views, slice fusion); off = tables only
+    use_radiomics: bool = True  # the radiomics token (ablations: single-modality models)
+    use_pet: bool = True  # the PET token
+    use_clinical: bool = True  # the clinical token
 
     def __post_init__(self) -> None:
         if len(self.widths) != 4 or min(self.widths) < 4:
@@ -187,7 +117,7 @@ class ModelConfig:
             raise ValueError("model.tabular_hidden and model.reader_width must be >= 4")
         if not 0.0 <= self.dropout < 0.9:
             raise ValueError("model.dropout must be in [0, 0.9)")
-        _choice("model.patient_fusion", self.patient_fusion, ("attention", "concat"))
+        choice("model.patient_fusion", self.patient_fusion, ("attention", "concat"))
         if not (self.use_imaging or self.use_radiomics or self.use_pet or self.use_clinical):
             raise ValueError(
                 "model: at least one of use_imaging / use_radiomics / use_pet / "
@@ -213,8 +143,8 @@ class LossConfig:
         for name in ("w_seg_lung", "w_seg_lesion", "w_histology", "w_stage", "w_dfs", "w_os"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0")
-        _choice("loss.weighting", self.weighting, ("fixed", "uncertainty"))
-        _choice("loss.cox_ties", self.cox_ties, ("efron", "breslow"))
+        choice("loss.weighting", self.weighting, ("fixed", "uncertainty"))
+        choice("loss.cox_ties", self.cox_ties, ("efron", "breslow"))
         if self.dice_smooth <= 0:
             raise ValueError("loss.dice_smooth must be > 0")
 
@@ -234,7 +164,7 @@ class LossConfig:
 class OptimConfig:
     """Optimisation schedule."""
 
-    epochs: int = 10  # training epochs, >= 1
+    epochs: int = resumable(10)  # training epochs, >= 1 (raise it to train a run longer)
     lr: float = 1e-3  # AdamW peak learning rate, > 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay, >= 0
     warmup_epochs: float = 1.0  # linear warm-up length in epochs, >= 0; then cosine decay
@@ -243,9 +173,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # "auto" (bf16 on GPUs with it, else fp16 + GradScaler; fp32 on
     # CPU), "fp32", "bf16" or "fp16"
-    gt_mask_warmup_epochs: int = 2  # epochs blending ground-truth masks into the encoders'
-    # views, weight decaying linearly from 1 to 0; 0 = predicted masks from the start
-    early_stopping_patience: int = 0  # epochs without improvement of run.metric; 0 = off
+    gt_mask_warmup_epochs: int = 2  # epochs blending ground-truth masks into the views,
+    # weight decaying linearly from 1 to 0; 0 = predicted masks from the start
+    early_stopping_patience: int = resumable(0)  # epochs without improvement of run.metric;
+    # 0 = off
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
@@ -254,7 +185,7 @@ class OptimConfig:
             raise ValueError("optim.lr must be > 0; weight_decay, warmup_epochs, grad_clip >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("optim.min_lr_ratio must be in [0, 1]")
-        _choice("optim.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        choice("optim.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.gt_mask_warmup_epochs < 0 or self.early_stopping_patience < 0:
             raise ValueError("optim.gt_mask_warmup_epochs and early_stopping_patience >= 0")
 
@@ -283,27 +214,93 @@ class RunConfig:
             raise ValueError("run.num_workers must be >= 1 and run.cpus_per_worker > 0")
         if self.max_failures < 0 or self.checkpoints_to_keep < 0 or self.overlays < 0:
             raise ValueError("run.max_failures, checkpoints_to_keep and overlays must be >= 0")
-        _choice("run.mode", self.mode, ("max", "min"))
+        choice("run.mode", self.mode, ("max", "min"))
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """A synthetic multi-center cohort (data/synth.py): what `mmdls synth` writes, and the
+    embedded default's data when a run is given none."""
+
+    patients: int = 240  # cohort size over all centers, >= 4
+    centers: int = 3  # synthetic hospitals, 1..4 (HOSP-A, -B, -C, -D)
+    image_size: int = 96  # base slice size in pixels (centers scale it), >= 32
+    min_slices: int = 8  # slices per patient, drawn in [min_slices, max_slices], >= 2
+    max_slices: int = 16  # see min_slices
+    missing_rate: float = 0.03  # share of empty clinical / PET / radiomics cells, [0, 0.5)
+    label_missing_rate: float = 0.02  # share of empty label cells per task, [0, 0.5)
+    seed: int = 0  # the cohort's seed: same seed, byte-identical files
+
+    def __post_init__(self) -> None:
+        if self.patients < 4:
+            raise ValueError("synth.patients must be >= 4")
+        if not 1 <= self.centers <= 4:
+            raise ValueError("synth.centers must be in 1..4")
+        if self.image_size < 32:
+            raise ValueError("synth.image_size must be >= 32")
+        if not 2 <= self.min_slices <= self.max_slices:
+            raise ValueError("synth: need 2 <= min_slices <= max_slices")
+        for name in ("missing_rate", "label_missing_rate"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"synth.{name} must be in [0, 0.5)")
+
+
+STRATA = ("center", "histology", "tnm_stage")
 
 
 @dataclass(frozen=True)
 class PrepConfig:
-    """The embedded default's data: a synthetic cohort, made and sharded when no data is given."""
+    """How a raw export becomes shards (`mmdls shard`, and a run given --data): the
+    patient-level split and the shard packing. Recorded in the manifest."""
 
-    patients: int = 240  # synthetic cohort size, >= 20
-    centers: int = 3  # synthetic centers, 1..4
-    synth_image_size: int = 64  # base slice size of the synthetic PNGs
-    min_slices: int = 8  # synthetic slices per patient
-    max_slices: int = 16
-    shard_image_size: int = 64  # stored slice size in the shards
-    val_fraction: float = 0.2
-    test_fraction: float = 0.1
-    external_centers: tuple[str, ...] = ()  # centers held out as the external split
-    seed: int = 0  # cohort and split seed
+    image_size: int = 128  # stored slice size in pixels (square), 16..1024; shard at the
+    # size the model reads (data.image_size) to keep resizing off the training hot path
+    val_fraction: float = 0.2  # share of the internal (non-external) patients, [0, 1)
+    test_fraction: float = 0.1  # share of the internal patients, [0, 1)
+    external_centers: tuple[str, ...] = ()  # centers held out whole as the external split
+    stratify_by: tuple[str, ...] = STRATA  # keys the split balances: center, histology,
+    # tnm_stage (an unknown label is a stratum of its own)
+    seed: int = 0  # split seed
+    max_patients_per_shard: int = 64  # >= 1
+    max_shard_mb: float = 512.0  # target upper bound of a shard in MiB, >= 1
+    allow_rejects: bool = False  # shard the valid patients of a cohort with defects; the
+    # rejected ones and why are recorded in manifest.json
 
     def __post_init__(self) -> None:
-        if self.patients < 20:
-            raise ValueError("prep.patients must be >= 20")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError("prep.image_size must be in 16..1024")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"prep.{name} must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("prep.val_fraction + prep.test_fraction must be < 1")
+        unknown = set(self.stratify_by) - set(STRATA)
+        if unknown:
+            raise ValueError(f"prep.stratify_by: unknown keys {sorted(unknown)}")
+        if self.max_patients_per_shard < 1 or self.max_shard_mb < 1:
+            raise ValueError("prep.max_patients_per_shard must be >= 1, max_shard_mb >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How `mmdls evaluate` and `mmdls predict` run inference and score it."""
+
+    parts: int = 2  # inference tasks per split (each patient in exactly one), >= 1
+    batch_size: int = 8  # patients per forward pass, >= 1
+    gpu: bool = False  # one GPU per inference task
+    bootstrap: int = 200  # patient-level bootstrap resamples for 95% CIs; 0 = none
+    seed: int = 0  # bootstrap seed
+    horizons: tuple[float, ...] = (12.0, 24.0, 36.0)  # months: time-dependent AUC, Brier,
+    # survival probabilities (ascending; Uno's C is truncated at the last)
+    min_center_patients: int = 10  # a center gets its own report section from this many
+
+    def __post_init__(self) -> None:
+        if self.parts < 1 or self.batch_size < 1 or self.bootstrap < 0:
+            raise ValueError("eval.parts and eval.batch_size must be >= 1, eval.bootstrap >= 0")
+        if not self.horizons or list(self.horizons) != sorted(set(self.horizons)):
+            raise ValueError("eval.horizons must be distinct, ascending months")
+        if min(self.horizons) <= 0 or self.min_center_patients < 1:
+            raise ValueError("eval.horizons must be > 0 and eval.min_center_patients >= 1")
 
 
 @dataclass(frozen=True)
@@ -315,7 +312,7 @@ class ChaosConfig:
     fail_mode: str = "raise"  # "raise" an exception or "sigkill" the worker process
 
     def __post_init__(self) -> None:
-        _choice("chaos.fail_mode", self.fail_mode, ("raise", "sigkill"))
+        choice("chaos.fail_mode", self.fail_mode, ("raise", "sigkill"))
 
 
 @dataclass(frozen=True)
@@ -326,34 +323,23 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    prep: PrepConfig = field(default_factory=PrepConfig)
-    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    run: RunConfig = field(default_factory=RunConfig, metadata=RESUMABLE)
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata=RESUMABLE)
+    prep: PrepConfig = field(default_factory=PrepConfig, metadata=RESUMABLE)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=RESUMABLE)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig, metadata=RESUMABLE)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """ "section.key=value" -> (["section", "key"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form section.key=value")
-    path, raw = text.split("=", 1)
-    keys = path.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ValueError(f"override {text!r}: the key must be section.key (e.g. optim.lr)")
-    return keys, _yaml(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply overrides to a nested dict copy; unknown sections/keys are caught by from_dict."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {key} is not a section")
-        node[keys[-1]] = value
-    return out
+def resumable_fields() -> tuple[str, ...]:
+    """Dotted names (a block name covers its fields) that may change on resume."""
+    out = []
+    for block in fields(Config):
+        if block.metadata.get("resumable"):
+            out.append(block.name)
+            continue
+        cls = getattr(Config(), block.name)
+        out += [f"{block.name}.{f.name}" for f in fields(cls) if f.metadata.get("resumable")]
+    return tuple(out)
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -368,10 +354,10 @@ def preset_path(name_or_path: str) -> Path:
     raise ValueError(f"config {name_or_path!r} is neither a preset ({', '.join(names)}) nor a file")
 
 
-def load_config(name_or_path: str = "default", overrides: list[str] | None = None) -> Config:
+def load_config(name_or_path: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> Config:
     """YAML preset or file + overrides -> validated Config."""
     path = preset_path(name_or_path)
-    data = _yaml(path.read_text()) or {}
+    data = yaml_value(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections")
     try:

@@ -14,5 +14,5 @@ ray start --head --num-cpus 2 --dashboard-host 127.0.0.1 >/dev/null
 RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 \
   ray job submit --working-dir . -- python jobs/train.py --config debug \
   --workdir "$out/work" --set run.storage_path="$out/runs" --set optim.epochs=2 \
-  --set prep.patients=60 "$@"
+  --set synth.patients=60 "$@"
 echo "job outputs: $out"

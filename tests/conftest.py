@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import TINY
 
+from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.ingest import read_cohort
-from mmdls_dist.data.shards import ShardOptions, build_shards
-from mmdls_dist.data.splits import SplitRecipe
+from mmdls_dist.data.shards import build_shards
 from mmdls_dist.data.synth import generate
 
 
@@ -31,7 +31,13 @@ def shard_dir(synth_report, tmp_path_factory):
     build_shards(
         synth_report,
         out,
-        SplitRecipe(seed=3, val_fraction=0.2, test_fraction=0.1, external_centers=("HOSP-C",)),
-        ShardOptions(image_size=32, max_patients_per_shard=5),
+        PrepConfig(
+            image_size=32,
+            max_patients_per_shard=5,
+            seed=3,
+            val_fraction=0.2,
+            test_fraction=0.1,
+            external_centers=("HOSP-C",),
+        ),
     )
     return out

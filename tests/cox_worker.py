@@ -34,5 +34,9 @@ def run(rank: int, world: int, init_file: str, data: dict, cuts: list[int], out:
             },
             f"{out}.{rank}",
         )
+        # Both ranks done with gloo before either tears it down: destroying the group while
+        # the peer's connection is still open aborted a process now and then ("terminate
+        # called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdls_dist.config import load_config
+from mmdls_dist.config import SynthConfig, load_config
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
-from mmdls_dist.data.synth import SynthSpec
 
 # The smallest MM-DLS that still has every part (model and loss tests).
 TINY_MODEL = dict(
@@ -24,7 +23,7 @@ TINY_MODEL = dict(
 )
 
 # The shared synthetic cohort of the session fixtures (tests/conftest.py).
-TINY = SynthSpec(n_patients=40, seed=7, n_centers=3, image_size=40, min_slices=4, max_slices=9)
+TINY = SynthConfig(patients=40, seed=7, centers=3, image_size=40, min_slices=4, max_slices=9)
 
 GOOD_ROW = {
     "center": "C1",

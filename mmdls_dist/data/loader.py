@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -215,3 +216,24 @@ def make_loader(
         pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
     )
+
+
+def stream_report(cfg: DataConfig, split: str, mode: str, world_size: int) -> str:
+    """Stream epoch 0 of `split` as each of `world_size` ranks would, in turn -> what each
+    read (batches, patients, distinct, speed) and the union, as text: `mmdls stream`."""
+    lines, everyone = [f"{mode} epoch over split {split!r}:"], []
+    for rank in range(world_size):
+        loader = make_loader(cfg, split, mode, rank, world_size)
+        loader.dataset.set_epoch(0)
+        t0, batches, ids, shape = time.perf_counter(), 0, [], None
+        for batch in loader:
+            batches, shape = batches + 1, tuple(batch.ct.shape)
+            ids.extend(batch.patient_id)
+        rate = len(ids) / max(time.perf_counter() - t0, 1e-9)
+        lines.append(
+            f"  rank {rank}: {batches} batches, {len(ids)} patients ({len(set(ids))} "
+            f"distinct), batch ct {shape} uint8, {rate:.0f} patients/s"
+        )
+        everyone += ids
+    lines.append(f"  all ranks: {len(everyone)} patients read, {len(set(everyone))} distinct")
+    return "\n".join(lines)

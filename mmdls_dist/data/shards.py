@@ -29,6 +29,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmdls_dist import __version__, storage
+from mmdls_dist.config import PrepConfig, to_dict
 from mmdls_dist.data.defects import IngestReport, Mapper, serial_map
 from mmdls_dist.data.images import open_slice
 from mmdls_dist.data.schema import (
@@ -41,7 +42,7 @@ from mmdls_dist.data.schema import (
     PatientRecord,
     before_zscore,
 )
-from mmdls_dist.data.splits import SPLITS, SplitRecipe, assign_splits
+from mmdls_dist.data.splits import SPLITS, assign_splits
 
 MANIFEST = "manifest.json"
 TAR_BLOCK = 512
@@ -49,23 +50,6 @@ TAR_BLOCK = 512
 
 class ShardError(RuntimeError):
     """A shard is missing, truncated or corrupted, or disagrees with the manifest."""
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    """How patients are packed into shards."""
-
-    image_size: int = 224  # stored slice size in pixels (square), 16..1024
-    max_patients_per_shard: int = 64  # >= 1
-    max_shard_bytes: int = 512 * 2**20  # target upper bound per shard, >= 1 MiB
-
-    def __post_init__(self) -> None:
-        if not 16 <= self.image_size <= 1024:
-            raise ValueError("shard.image_size must be in 16..1024")
-        if self.max_patients_per_shard < 1:
-            raise ValueError("shard.max_patients_per_shard must be >= 1")
-        if self.max_shard_bytes < 2**20:
-            raise ValueError("shard.max_shard_bytes must be >= 1 MiB")
 
 
 def _tar_member_bytes(size: int) -> int:
@@ -169,16 +153,16 @@ class ShardPlan:
     records: tuple[PatientRecord, ...]
 
 
-def plan_shards(by_split: dict[str, list[PatientRecord]], options: ShardOptions) -> list[ShardPlan]:
+def plan_shards(by_split: dict[str, list[PatientRecord]], prep: PrepConfig) -> list[ShardPlan]:
     """Pack each split's patients (in the given order) into shards under both limits."""
     plans = []
     for split, records in by_split.items():
         current: list[PatientRecord] = []
         size = 0
         for record in records:
-            need = estimated_sample_bytes(len(record.slice_files), options.image_size)
-            full = len(current) >= options.max_patients_per_shard
-            if current and (full or size + need > options.max_shard_bytes):
+            need = estimated_sample_bytes(len(record.slice_files), prep.image_size)
+            full = len(current) >= prep.max_patients_per_shard
+            if current and (full or size + need > prep.max_shard_mb * 2**20):
                 plans.append(_plan(split, sum(p.split == split for p in plans), current))
                 current, size = [], 0
             current.append(record)
@@ -260,22 +244,20 @@ def normalization_stats(train: Sequence[PatientRecord]) -> dict:
 def build_shards(
     report: IngestReport,
     out_dir: str | Path,
-    recipe: SplitRecipe,
-    options: ShardOptions,
+    prep: PrepConfig,
     *,
-    allow_rejects: bool = False,
     mapper: Mapper = serial_map,
     single_split: str | None = None,
 ) -> dict:
     """Split, shard and write manifest.json (last). Returns the manifest.
 
-    single_split: put every patient in this one split instead of following the recipe
+    single_split: put every patient in this one split instead of following the split
     (new patients to predict; their tables are z-scored with the model's training stats).
 
-    Refuses a cohort with defects unless allow_rejects, in which case the rejected patients
+    Refuses a cohort with defects unless prep.allow_rejects, in which case the rejected patients
     and their reasons are recorded in the manifest (never dropped without a trace).
     """
-    if report.defects and not allow_rejects:
+    if report.defects and not prep.allow_rejects:
         raise ValueError(
             f"{len(report.defects)} defects in {report.root}; fix them or pass --allow-rejects "
             "to shard only the valid patients\n" + report.summary(max_defects=50)
@@ -290,8 +272,8 @@ def build_shards(
     if single_split:
         split_of = {r.patient_id: single_split for r in report.records}
     else:
-        split_of = assign_splits(report.records, recipe)
-    rng = np.random.default_rng(recipe.seed + 1)
+        split_of = assign_splits(report.records, prep)
+    rng = np.random.default_rng(prep.seed + 1)
     names = (single_split,) if single_split else SPLITS
     by_split: dict[str, list[PatientRecord]] = {s: [] for s in names}
     for record in sorted(report.records, key=lambda r: r.patient_id):
@@ -300,8 +282,8 @@ def build_shards(
         # Shuffled once here, so a shard (and any contiguous run of it) is a random subset.
         by_split[split] = [records[i] for i in rng.permutation(len(records))]
 
-    plans = plan_shards(by_split, options)
-    entries = mapper(write_shard, [(report.root, str(out), p, options.image_size) for p in plans])
+    plans = plan_shards(by_split, prep)
+    entries = mapper(write_shard, [(report.root, str(out), p, prep.image_size) for p in plans])
 
     splits = {}
     for split, records in by_split.items():
@@ -315,9 +297,8 @@ def build_shards(
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"mmdls-dist {__version__}",
-        "image_size": options.image_size,
-        "shard_options": vars(options),
-        "split_recipe": recipe.to_dict(),
+        "image_size": prep.image_size,
+        "prep": to_dict(prep),
         "source": {
             "n_read": report.n_read,
             "n_kept": len(report.records),

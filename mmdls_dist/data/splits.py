@@ -7,41 +7,13 @@ Splits are decided once, at sharding time, and recorded in the manifest, so ever
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.schema import PatientRecord
 
 SPLITS = ("train", "val", "test", "external")
-
-
-@dataclass(frozen=True)
-class SplitRecipe:
-    """How patients are divided. Recorded verbatim in the manifest."""
-
-    seed: int = 0
-    val_fraction: float = 0.15  # of the internal (non-external) patients, in [0, 1)
-    test_fraction: float = 0.15  # of the internal patients, in [0, 1)
-    external_centers: tuple[str, ...] = ()  # centers held out entirely as "external"
-    stratify_by: tuple[str, ...] = field(default=("center", "histology", "tnm_stage"))
-
-    def __post_init__(self) -> None:
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"split.{name} must be in [0, 1)")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("split.val_fraction + split.test_fraction must be < 1")
-        allowed = {"center", "histology", "tnm_stage"}
-        unknown = set(self.stratify_by) - allowed
-        if unknown:
-            raise ValueError(f"split.stratify_by: unknown keys {sorted(unknown)}")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["external_centers"] = list(self.external_centers)
-        out["stratify_by"] = list(self.stratify_by)
-        return out
 
 
 def _stratum(record: PatientRecord, keys: tuple[str, ...]) -> tuple:
@@ -55,8 +27,8 @@ def _stratum(record: PatientRecord, keys: tuple[str, ...]) -> tuple:
     return tuple(out)
 
 
-def assign_splits(records: list[PatientRecord], recipe: SplitRecipe) -> dict[str, str]:
-    """patient_id -> split name. Deterministic for (records, recipe).
+def assign_splits(records: list[PatientRecord], prep: PrepConfig) -> dict[str, str]:
+    """patient_id -> split name. Deterministic for (records, prep).
 
     Internal patients are ordered stratum by stratum (random order inside a stratum), then
     dealt to train/val/test by a largest-deficit rule: each next patient goes to the split
@@ -65,22 +37,22 @@ def assign_splits(records: list[PatientRecord], recipe: SplitRecipe) -> dict[str
     for strata of one or two patients where per-stratum rounding would fail.
     """
     centers = {r.center for r in records}
-    missing = [c for c in recipe.external_centers if c not in centers]
+    missing = [c for c in prep.external_centers if c not in centers]
     if missing:
         raise ValueError(
-            f"split.external_centers: {missing} not in the cohort (centers: {sorted(centers)})"
+            f"prep.external_centers: {missing} not in the cohort (centers: {sorted(centers)})"
         )
-    external = set(recipe.external_centers)
+    external = set(prep.external_centers)
     if centers and centers <= external:
-        raise ValueError("split.external_centers holds out every center; nothing left to train")
+        raise ValueError("prep.external_centers holds out every center; nothing left to train")
 
     out = {r.patient_id: "external" for r in records if r.center in external}
     strata: dict[tuple, list[str]] = defaultdict(list)
     for r in records:
         if r.center not in external:
-            strata[_stratum(r, recipe.stratify_by)].append(r.patient_id)
+            strata[_stratum(r, prep.stratify_by)].append(r.patient_id)
 
-    rng = np.random.default_rng(recipe.seed)
+    rng = np.random.default_rng(prep.seed)
     order: list[str] = []
     for key in sorted(strata, key=repr):
         ids = sorted(strata[key])
@@ -89,9 +61,9 @@ def assign_splits(records: list[PatientRecord], recipe: SplitRecipe) -> dict[str
     names = ("train", "val", "test")
     shares = np.array(
         [
-            1.0 - recipe.val_fraction - recipe.test_fraction,
-            recipe.val_fraction,
-            recipe.test_fraction,
+            1.0 - prep.val_fraction - prep.test_fraction,
+            prep.val_fraction,
+            prep.test_fraction,
         ]
     )
     counts = np.zeros(3)

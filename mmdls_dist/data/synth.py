@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from mmdls_dist.config import SynthConfig, to_dict
 from mmdls_dist.data.defects import Mapper, serial_map
 from mmdls_dist.data.schema import (
     CLINICAL_COLUMNS,
@@ -51,7 +52,7 @@ class CenterSpec:
     gain: float  # scanner intensity scale
     offset: float  # scanner intensity offset (0..255 units)
     noise: float  # pixel noise std (0..255 units)
-    size_scale: float  # image size relative to SynthSpec.image_size
+    size_scale: float  # image size relative to SynthConfig.image_size
     stage_shift: float  # case mix: added to the stage latent
     lusc_shift: float  # case mix: added to the LUSC logit
     radiomics: bool  # whether this center exports radiomics
@@ -67,33 +68,6 @@ CENTERS: tuple[CenterSpec, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class SynthSpec:
-    """Size and messiness of a synthetic cohort."""
-
-    n_patients: int = 200  # total over all centers, >= 4
-    seed: int = 0
-    n_centers: int = 3  # 1..4, taken from CENTERS in order
-    image_size: int = 96  # base slice size in pixels (centers scale it), >= 32
-    min_slices: int = 10  # per patient, >= 2
-    max_slices: int = 24
-    missing_rate: float = 0.03  # fraction of empty clinical / PET / radiomics cells
-    label_missing_rate: float = 0.02  # fraction of empty label cells (per task)
-
-    def __post_init__(self) -> None:
-        if self.n_patients < 4:
-            raise ValueError("n_patients must be >= 4")
-        if not 1 <= self.n_centers <= len(CENTERS):
-            raise ValueError(f"n_centers must be in 1..{len(CENTERS)}")
-        if self.image_size < 32:
-            raise ValueError("image_size must be >= 32")
-        if not 2 <= self.min_slices <= self.max_slices:
-            raise ValueError("need 2 <= min_slices <= max_slices")
-        for name in ("missing_rate", "label_missing_rate"):
-            if not 0.0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5)")
-
-
 # Weibull baselines (rate lambda per month, shape nu) and censoring, per endpoint.
 WEIBULL = {"dfs": (1 / 50.0, 1.2), "os": (1 / 110.0, 1.4)}
 FOLLOW_UP_MONTHS = (12.0, 72.0)  # administrative censoring, uniform
@@ -104,10 +78,10 @@ def _z(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-9)
 
 
-def _patients(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _patients(spec: SynthConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Draw every per-patient latent factor, label and tabular value (vectorised)."""
-    n = spec.n_patients
-    centers = np.arange(n) % spec.n_centers
+    n = spec.patients
+    centers = np.arange(n) % spec.centers
     rng.shuffle(centers)
     c = [CENTERS[i] for i in centers]
     f: dict[str, np.ndarray] = {"center": centers}
@@ -195,7 +169,7 @@ def _patients(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray
     # Radiomics see size and density through noise and a per-center batch effect; they never
     # see margin, texture or position, so those stay visible only to the imaging branch.
     w = rng.normal(0, 1, (N_RADIOMICS, 2))
-    batch_effect = rng.normal(0, 0.3, (spec.n_centers, N_RADIOMICS))
+    batch_effect = rng.normal(0, 0.3, (spec.centers, N_RADIOMICS))
     signal = np.stack([f["size"], f["density"]], axis=1) @ w.T * 0.5
     f["radiomics"] = signal + batch_effect[centers] + rng.normal(0, 1.0, (n, N_RADIOMICS))
     f["annotated"] = rng.random(n) >= np.array([x.unannotated_rate for x in c])
@@ -284,7 +258,7 @@ LABEL_GROUPS = (("histology",), ("tnm_stage",), ("dfs_time", "dfs_event"), ("os_
 
 
 def generate(
-    spec: SynthSpec, root: str | Path, truth_path: str | Path, *, mapper: Mapper = serial_map
+    spec: SynthConfig, root: str | Path, truth_path: str | Path, *, mapper: Mapper = serial_map
 ) -> dict:
     """Write a synthetic cohort to `root` (raw layout) and its ground truth to `truth_path`.
 
@@ -298,8 +272,8 @@ def generate(
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     f = _patients(spec, rng)
-    n = spec.n_patients
-    counters = [0] * spec.n_centers
+    n = spec.patients
+    counters = [0] * spec.centers
     ids = []
     for i in range(n):
         k = int(f["center"][i])
@@ -365,7 +339,7 @@ def generate(
 FACTOR_KEYS = ("size", "density", "texture", "margin", "central", "upper", "side", "radius_mm")
 
 
-def _truth(spec: SynthSpec, f: dict, ids: list[str], label_missing: np.ndarray) -> dict:
+def _truth(spec: SynthConfig, f: dict, ids: list[str], label_missing: np.ndarray) -> dict:
     endpoints = {}
     for g, endpoint in ((2, "dfs"), (3, "os")):
         known = ~label_missing[:, g]
@@ -389,8 +363,8 @@ def _truth(spec: SynthSpec, f: dict, ids: list[str], label_missing: np.ndarray) 
             **{k: float(f[k][i]) for k in FACTOR_KEYS},
         }
     return {
-        "spec": asdict(spec),
-        "centers": [c.name for c in CENTERS[: spec.n_centers]],
+        "spec": to_dict(spec),
+        "centers": [c.name for c in CENTERS[: spec.centers]],
         "endpoints": endpoints,
         "patients": patients,
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,17 @@ import pandas as pd
 from sklearn.metrics import average_precision_score
 
 from mmdls_dist import storage
+from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.evaluation.inference import stage_probs
+from mmdls_dist.evaluation.inference import (
+    checkpoint_identity,
+    overlay_batch,
+    resolve_checkpoint,
+    run_inference,
+    stage_probs,
+)
 from mmdls_dist.evaluation.reference import (
-    HORIZONS,
     Reference,
     endpoint_arrays,
     load_reference,
@@ -164,15 +171,8 @@ def bootstrap_ci(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) ->
 # --- the whole evaluation -------------------------------------------------------------------
 
 
-def evaluate_frame(
-    frame: pd.DataFrame,
-    ref: Reference,
-    splits: list[str],
-    n_boot: int = 200,
-    seed: int = 0,
-    min_center_patients: int = 10,
-) -> dict:
-    """Per split: all patients, then each center with at least `min_center_patients`."""
+def evaluate_frame(frame: pd.DataFrame, ref: Reference, splits: list[str], cfg: EvalConfig) -> dict:
+    """Per split: all patients, then each center with at least cfg.min_center_patients."""
     out = {}
     for split in splits:
         part = frame[frame["split"] == split]
@@ -180,9 +180,23 @@ def evaluate_frame(
             continue
         centers = {}
         for center, sub in part.groupby("center"):
-            if len(sub) >= min_center_patients and part["center"].nunique() > 1:
-                centers[str(center)] = group_metrics(sub, ref, n_boot, seed)
-        out[split] = {"all": group_metrics(part, ref, n_boot, seed), "centers": centers}
+            if len(sub) >= cfg.min_center_patients and part["center"].nunique() > 1:
+                centers[str(center)] = group_metrics(sub, ref, cfg.bootstrap, cfg.seed)
+        all_patients = group_metrics(part, ref, cfg.bootstrap, cfg.seed)
+        out[split] = {"all": all_patients, "centers": centers}
+    return out
+
+
+def labelled_models(specs: list[str]) -> dict[str, str]:
+    """["full=runs/a", "runs/b"] -> {"full": "runs/a", "b": "runs/b"} (label = folder name)."""
+    out = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or storage.is_url(label):
+            label, path = Path(spec.rstrip("/")).name, spec
+        if label in out:
+            raise ValueError(f"two models are labelled {label!r}; name them as LABEL=PATH")
+        out[label] = path
     return out
 
 
@@ -191,31 +205,33 @@ def evaluate_frame(
 
 def run_evaluation(
     checkpoints: dict[str, str],
-    shards: str,
+    shards: str | None,
     out: str | Path,
-    *,
+    cfg: EvalConfig,
+    mapper: Callable,
     splits: list[str] | None = None,
     reference_shards: str | None = None,
     reference: str | None = None,
-    n_boot: int = 200,
-    seed: int = 0,
-    min_center_patients: int = 10,
-    **inference,
 ) -> dict:
-    """Evaluate one or more checkpoints (label -> checkpoint or run folder) on `shards`.
+    """Evaluate one or more checkpoints (label -> checkpoint or run folder) on `shards`
+    (None: the first model's training shards), inference through `mapper`
+    (parallel.serial_mapper / ray_mapper); `splits` None = all in the shards.
 
     `reference`: a reference-<label>.json to score against instead of refitting it on the
     training split (one model only). Writes to `out`: metrics.json, predictions-<label>.csv,
     reference-<label>.json (what `mmdls predict` applies to new patients), report.html and
     figures/. Returns metrics."""
+    # matplotlib is imported only when a report is drawn, not by the metrics alone.
     from mmdls_dist.evaluation.figures import overlay_samples
-    from mmdls_dist.evaluation.inference import overlay_batch, resolve_checkpoint, run_inference
     from mmdls_dist.evaluation.report import slug, write_report
 
     if reference and len(checkpoints) > 1:
         raise ValueError("--reference fits one model; evaluate the models one at a time")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if shards is None:
+        first = resolve_checkpoint(next(iter(checkpoints.values())))
+        shards = checkpoint_identity(first)["config"]["data"]["shards"]
     available = [
         s for s in ("train", "val", "test", "external") if s in load_manifest(shards)["splits"]
     ]
@@ -225,15 +241,14 @@ def run_evaluation(
     for label, path in checkpoints.items():
         ckpt = resolve_checkpoint(path)
         log.info("%s: inference with %s on %s (%s)", label, ckpt, shards, ", ".join(splits))
-        frame = run_inference(
-            ckpt, shards, sorted(set(splits) | ({"train", "val"} & set(available))), **inference
-        )
+        wanted = sorted(set(splits) | ({"train", "val"} & set(available)))
+        frame = run_inference(ckpt, shards, wanted, cfg, mapper)
         ref = (
             load_reference(reference)
             if reference
-            else reference_for(ckpt, frame, shards, reference_shards, **inference)
+            else reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
         )
-        results[label] = evaluate_frame(frame, ref, splits, n_boot, seed, min_center_patients)
+        results[label] = evaluate_frame(frame, ref, splits, cfg)
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
         storage.write_json(
@@ -241,15 +256,16 @@ def run_evaluation(
         )
         batch, output = overlay_batch(ckpt, shards, overlay_split)
         overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []
+    horizons = ref.horizons  # eval.horizons, or the given reference's
     metrics = {
         "settings": {
             "shards": shards,
             "splits": splits,
-            "bootstrap_resamples": n_boot,
-            "bootstrap_seed": seed,
+            "bootstrap_resamples": cfg.bootstrap,
+            "bootstrap_seed": cfg.seed,
             "ece_bins": ECE_BINS,
-            "horizons_months": list(HORIZONS),
-            "min_center_patients": min_center_patients,
+            "horizons_months": list(horizons),
+            "min_center_patients": cfg.min_center_patients,
             "reference": "Breslow baseline, censoring KM and risk tertiles from the training "
             "split; histology threshold (Youden) from the validation split",
         },
@@ -258,8 +274,9 @@ def run_evaluation(
     storage.write_json(str(out / "metrics.json"), metrics)
     summary = (
         f"{len(checkpoints)} model(s) on {shards}; splits {', '.join(splits)}; 95% CIs from "
-        f"{n_boot} patient-level bootstrap resamples; horizons "
-        f"{', '.join(f'{h:g}' for h in HORIZONS)} months."
+        f"{cfg.bootstrap} patient-level bootstrap resamples; horizons "
+        f"{', '.join(f'{h:g}' for h in horizons)} months."
     )
-    write_report(out, results, {"summary": summary, "overlay_split": overlay_split}, overlays)
+    meta = {"summary": summary, "overlay_split": overlay_split, "horizons": horizons}
+    write_report(out, results, meta, overlays)
     return metrics

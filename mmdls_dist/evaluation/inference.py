@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from mmdls_dist import storage
-from mmdls_dist.config import Config, from_dict
+from mmdls_dist.config import Config, EvalConfig, from_dict
 from mmdls_dist.data.collate import select_slices
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import STAGES
@@ -186,18 +186,12 @@ def plan_parts(
 
 
 def run_inference(
-    ckpt: str,
-    shards: str,
-    splits: list[str],
-    *,
-    mapper: Callable,
-    parts: int = 1,
-    batch_size: int = 8,
-    **extra,
+    ckpt: str, shards: str, splits: list[str], cfg: EvalConfig, mapper: Callable, **extra
 ) -> pd.DataFrame:
-    """Predictions for every patient of `splits` as a DataFrame (see `predictions_frame`)."""
+    """Predictions for every patient of `splits` as a DataFrame (see `predictions_frame`),
+    in cfg.parts tasks per split run through `mapper`. extra: Part's output options."""
     norm = checkpoint_identity(ckpt)["normalization"]
-    plan = plan_parts(ckpt, shards, splits, parts, batch_size, norm, **extra)
+    plan = plan_parts(ckpt, shards, splits, cfg.parts, cfg.batch_size, norm, **extra)
     records = [r for part in mapper(infer_part, plan) for r in part]
     frame = predictions_frame(records)
     expected = sum(plan[0].manifest["splits"][s]["n_patients"] for s in splits)

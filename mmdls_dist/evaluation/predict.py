@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mmdls_dist.config import EvalConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
-from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest
-from mmdls_dist.data.splits import SplitRecipe
+from mmdls_dist.data.shards import build_shards, load_manifest
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     resolve_checkpoint,
@@ -51,9 +52,7 @@ def shard_for_prediction(
     manifest = build_shards(
         report,
         out,
-        SplitRecipe(),
-        ShardOptions(image_size=image_size),
-        allow_rejects=True,
+        PrepConfig(image_size=image_size, allow_rejects=True),
         mapper=mapper_factory("write shards"),
         single_split=PREDICT_SPLIT,
     )
@@ -97,17 +96,22 @@ def with_rejected(table: pd.DataFrame, manifest: dict) -> pd.DataFrame:
 def run_prediction(
     checkpoint: str,
     out_csv: str | Path,
+    cfg: EvalConfig,
+    mapper_factory: Callable[[str], Callable],
     *,
-    raw: str | None = None,
+    data: str | None = None,
     shards: str | None = None,
     split: str | None = None,
     reference: str | None = None,
     workdir: str | None = None,
-    masks_dir: str | None = None,
-    mapper_factory,
-    **inference,
+    masks: str | None = None,
 ) -> pd.DataFrame:
-    """Predict for a raw folder (`raw`) or for a split of existing shards (`shards`)."""
+    """Predict for a raw folder (`data`) or for a split of existing shards (`shards`);
+    mapper_factory(description) gives the mapper of each parallel step. masks: also write
+    the predicted masks as PNGs into this folder."""
+    if (data is None) == (shards is None):
+        raise ValueError("give exactly one of --data (a raw folder) and --shards")
+    raw, masks_dir = data, masks
     ckpt = resolve_checkpoint(checkpoint)
     identity = checkpoint_identity(ckpt)
     tmp = None
@@ -129,16 +133,16 @@ def run_prediction(
             ckpt,
             shards,
             [split],
-            mapper=mapper,
+            cfg,
+            mapper,
             dice=False,
             mask_dir=masks_dir,
             slice_names=slice_names,
-            **inference,
         )
         ref = (
             load_reference(reference)
             if reference
-            else reference_for(ckpt, frame, shards, None, mapper=mapper, **inference)
+            else reference_for(ckpt, frame, shards, None, cfg, mapper)
         )
     finally:
         if tmp is not None:

@@ -8,18 +8,18 @@ shards apply it unchanged.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.inference import checkpoint_identity, run_inference
 from mmdls_dist.metrics.classification import youden_threshold
 from mmdls_dist.metrics.survival import BreslowBaseline, CensoringKM, risk_cutpoints
-
-HORIZONS = (12.0, 24.0, 36.0)  # months: time-dependent AUC, Brier, survival probabilities
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Reference:
     cutpoints: dict[str, list[float]]  # endpoint -> risk tertiles of the training split
     baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 on the training split
     censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
-    horizons: tuple[float, ...] = HORIZONS
+    horizons: tuple[float, ...]  # months (eval.horizons): survival probabilities, td-AUC
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -66,7 +66,9 @@ def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
     )
 
 
-def fit_reference(train: pd.DataFrame, val: pd.DataFrame | None) -> Reference:
+def fit_reference(
+    train: pd.DataFrame, val: pd.DataFrame | None, horizons: tuple[float, ...]
+) -> Reference:
     """Fit the reference on the training split's predictions (threshold on validation)."""
     notes = []
     if val is not None and len(val):
@@ -80,7 +82,7 @@ def fit_reference(train: pd.DataFrame, val: pd.DataFrame | None) -> Reference:
         cutpoints[endpoint] = risk_cutpoints(risk)
         baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
         censoring[endpoint] = CensoringKM.fit(time, event)
-    return Reference(threshold, cutpoints, baselines, censoring, notes=notes)
+    return Reference(threshold, cutpoints, baselines, censoring, tuple(horizons), notes)
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -90,15 +92,21 @@ def load_reference(path: str | Path) -> Reference:
 
 
 def reference_for(
-    ckpt: str, frame: pd.DataFrame, shards: str, reference_shards: str | None, **inference
+    ckpt: str,
+    frame: pd.DataFrame,
+    shards: str,
+    reference_shards: str | None,
+    cfg: EvalConfig,
+    mapper: Callable,
 ) -> Reference:
     """The Reference from the training cohort: the evaluated frame itself when it holds the
     training split, else inference on the training shards (the checkpoint's own by default)."""
     source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
     if source != shards or "train" not in set(frame["split"]):
         have = set(load_manifest(source)["splits"])
-        frame = run_inference(ckpt, source, [s for s in ("train", "val") if s in have], **inference)
+        splits = [s for s in ("train", "val") if s in have]
+        frame = run_inference(ckpt, source, splits, cfg, mapper)
     if "train" not in set(frame["split"]):
         raise ValueError(f"{source}: no training split to fix the reference on")
     val = frame[frame["split"] == "val"]
-    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None)
+    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None, cfg.horizons)

@@ -72,7 +72,7 @@ HEADLINE_ROWS = (
 )
 
 
-def side_by_side(by_split: dict) -> str:
+def side_by_side(by_split: dict, horizons: list[str]) -> str:
     """Headline metrics, one column per split (internal vs external at a glance)."""
     splits = [s for s in SPLIT_ORDER if s in by_split]
     rows = [["patients", *[str(by_split[s]["all"]["n_patients"]) for s in splits]]]
@@ -84,7 +84,7 @@ def side_by_side(by_split: dict) -> str:
             cells.append(_with_ci(m, ci_key, value) if ci_key else _fmt(value))
         rows.append([label, *cells])
     for e in ENDPOINTS:
-        for h in ("12", "24", "36"):
+        for h in horizons:
             rows.append(
                 [f"{e.upper()} AUC({h} mo)"]
                 + [
@@ -103,7 +103,7 @@ def side_by_side(by_split: dict) -> str:
     return _table(["metric", *splits], rows)
 
 
-def group_section(m: dict, title: str, figures: dict) -> str:
+def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> str:
     """Tables (and figures where given) of one split or center."""
     parts = [f"<h3>{html.escape(title)}</h3>"]
     hist = m["histology"]
@@ -156,14 +156,14 @@ def group_section(m: dict, title: str, figures: dict) -> str:
             [[n, *map(str, r)] for n, r in zip(names, stage["confusion"], strict=True)],
         )
     )
-    parts.append(survival_table(m))
+    parts.append(survival_table(m, horizons))
     parts.append(hazard_table(m))
     for key in ("classification", *ENDPOINTS, "overlays"):
         parts.append(_img(figures.get(key)))
     return "\n".join(parts)
 
 
-def survival_table(m: dict) -> str:
+def survival_table(m: dict, horizons: list[str]) -> str:
     rows = []
     for e in ENDPOINTS:
         b = m[e]
@@ -174,11 +174,8 @@ def survival_table(m: dict) -> str:
                 str(b["events"]),
                 _with_ci(m, f"{e}.harrell_c", b.get("harrell_c")),
                 _with_ci(m, f"{e}.uno_c", b.get("uno_c")),
-                *[
-                    _with_ci(m, f"{e}.td_auc.{h}", b.get("td_auc", {}).get(h))
-                    for h in ("12", "24", "36")
-                ],
-                *[_fmt(b.get("brier", {}).get(h)) for h in ("12", "24", "36")],
+                *[_with_ci(m, f"{e}.td_auc.{h}", b.get("td_auc", {}).get(h)) for h in horizons],
+                *[_fmt(b.get("brier", {}).get(h)) for h in horizons],
                 _fmt(b.get("integrated_brier")),
             ]
         )
@@ -189,12 +186,8 @@ def survival_table(m: dict) -> str:
             "events",
             "C Harrell",
             "C Uno",
-            "AUC 12",
-            "AUC 24",
-            "AUC 36",
-            "Brier 12",
-            "Brier 24",
-            "Brier 36",
+            *[f"AUC {h}" for h in horizons],
+            *[f"Brier {h}" for h in horizons],
             "IBS",
         ],
         rows,
@@ -254,7 +247,9 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
-    """results: model label -> split -> {"all", "centers"}; overlays: label -> samples."""
+    """results: model label -> split -> {"all", "centers"}; overlays: label -> samples;
+    meta: summary, notes, overlay_split, horizons (months)."""
+    horizons = [f"{h:g}" for h in meta["horizons"]]
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     body = [f"<h1>MM-DLS evaluation</h1><p>{html.escape(meta.get('summary', ''))}</p>"]
@@ -264,7 +259,7 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
         body.append("<h2>Model comparison</h2>" + comparison_table(comparison_rows(results)))
     for label, by_split in results.items():
         body.append(f"<h2>{html.escape(label)}: internal vs external</h2>")
-        body.append(side_by_side(by_split))
+        body.append(side_by_side(by_split, horizons))
         for split in [s for s in SPLIT_ORDER if s in by_split]:
             stem = f"{slug(label)}-{split}"
             m = by_split[split]["all"]
@@ -287,9 +282,9 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
                 figures["overlays"] = overlay_figure(
                     overlays.get(label, []), figures_dir / f"{stem}-overlays.png"
                 )
-            body.append(group_section(m, f"{label} / {split}: all centers", figures))
+            body.append(group_section(m, f"{label} / {split}: all centers", figures, horizons))
             for center, cm in by_split[split]["centers"].items():
-                body.append(group_section(cm, f"{label} / {split}: {center}", {}))
+                body.append(group_section(cm, f"{label} / {split}: {center}", {}, horizons))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>MM-DLS evaluation</title>"
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
@@ -301,3 +296,26 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+CONSOLE_COLUMNS = (  # (header, width, metric of a split's "all" block)
+    ("hist AUC", 10, lambda m, h: m["histology"].get("auc")),
+    ("stage AUC", 11, lambda m, h: m["stage"]["macro_auc"]),
+    ("DFS C", 8, lambda m, h: m["dfs"].get("harrell_c")),
+    ("OS C", 8, lambda m, h: m["os"].get("harrell_c")),
+    ("OS AUC@{h}", 11, lambda m, h: m["os"].get("td_auc", {}).get(h)),
+    ("OS IBS", 8, lambda m, h: m["os"].get("integrated_brier")),
+)
+
+
+def console_table(metrics: dict) -> str:
+    """metrics.json -> the headline numbers, one line per model and split, for a terminal."""
+    h = f"{metrics['settings']['horizons_months'][-1]:g}"
+    header = "".join(f"{name.format(h=h):>{w}}" for name, w, _ in CONSOLE_COLUMNS)
+    lines = [f"\n{'model':<16}{'split':<10}{'n':>6}{header}"]
+    for label, model in metrics["models"].items():
+        for split, groups in model["splits"].items():
+            m = groups["all"]
+            cells = "".join(f"{_fmt(get(m, h)):>{w}}" for _, w, get in CONSOLE_COLUMNS)
+            lines.append(f"{label[:15]:<16}{split:<10}{m['n_patients']:>6}{cells}")
+    return "\n".join(lines)

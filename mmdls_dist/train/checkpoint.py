@@ -27,26 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmdls_dist.config import resumable_fields
+
 STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
 RUN_IDENTITY = "mmdls_run.json"
 BEST = "best.json"
-
-# Config fields that may change between a run and its resumption: where and how it runs,
-# how long, and loader performance knobs. Everything else changes the experiment.
-RESUMABLE_CHANGES = (
-    "run.",
-    "chaos.",
-    "prep.",
-    "optim.epochs",
-    "optim.early_stopping_patience",
-    "data.shards",
-    "data.num_workers",
-    "data.prefetch_factor",
-    "data.pin_memory",
-    "data.verify",
-)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -75,11 +62,13 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ, ignoring RESUMABLE_CHANGES."""
+    """Dotted keys whose values differ, ignoring the fields a resumed run may change
+    (config.resumable_fields: field metadata)."""
     a, b = flatten(saved), flatten(current)
+    free = resumable_fields()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+        if key in free or key.split(".")[0] in free or a.get(key) == b.get(key):
             continue
         diffs.append(f"{key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
     return diffs

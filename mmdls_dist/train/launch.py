@@ -71,3 +71,31 @@ def fit(cfg: Config):
             {"checkpoint": best.path, "metric": cfg.run.metric, "metrics": metrics},
         )
     return result
+
+
+SUMMARY_METRICS = ("auc_histology", "auc_stage", "cindex_dfs", "cindex_os", "dice_lung",
+                   "dice_lesion")  # fmt: skip
+
+
+def summary_text(cfg: Config, result, oracle: dict[str, float]) -> str:
+    """The end of a run for a terminal: validation metrics (beside the synthetic oracle
+    where there is one), where the checkpoints, TensorBoard logs and the report are."""
+    from mmdls_dist.train.loop import local_run_dir
+    from mmdls_dist.train.tensorboard import tensorboard_dir
+
+    metrics = result.metrics or {}
+    lines = [
+        f"\nrun {cfg.run.name!r}: {metrics.get('epoch', -1) + 1} epochs, "
+        f"{metrics.get('global_step', 0)} optimizer steps",
+        f"{'validation metric':<22}{'model':>8}{'oracle':>9}",
+    ]
+    for key in SUMMARY_METRICS:
+        ref = f"{oracle[key]:9.3f}" if key in oracle else f"{'':>9}"
+        lines.append(f"  {key:<20}{metrics.get(f'val/{key}', float('nan')):8.3f}{ref}")
+    board = tensorboard_dir(cfg, local_run_dir(cfg))
+    lines += [
+        f"checkpoints : {run_url(cfg)}  (best: {checkpoint.BEST})",
+        f"tensorboard : tensorboard --logdir {board}",
+        f"report      : python jobs/evaluate.py {run_url(cfg)}   (metrics.json + report.html)",
+    ]
+    return "\n".join(lines)

@@ -322,3 +322,26 @@ def run_sweep(base: Config, sweep: Sweep, name: str) -> dict:
         "best": None if best is None else storage.join(root, "best.yaml"),
         "table": table,
     }
+
+
+def summary_text(summary: dict) -> str:
+    """run_sweep's summary -> the trial table, counts and the best config, for a terminal."""
+    table = summary["table"]
+    shown = [
+        c
+        for c in table.columns
+        if c in ("trial", "status", "epochs", "error") or c.startswith(("config/", "best "))
+    ]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        lines = [table[shown].to_string(index=False)]
+    lines.append(
+        f"\n{summary['trials']} trials, {summary['errors']} failed; "
+        f"table: {summary['root']}/results.csv"
+    )
+    best = summary["best"]
+    lines.append(
+        f"best config: {best}  (python jobs/train.py --config {best})"
+        if best
+        else "no trial finished: no best config"
+    )
+    return "\n".join(lines)

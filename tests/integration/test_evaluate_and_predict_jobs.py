@@ -13,6 +13,7 @@ import pytest
 from helpers import train_config
 
 from mmdls_dist.cli import main
+from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.evaluate import run_evaluation
 from mmdls_dist.evaluation.predict import run_prediction
@@ -38,11 +39,8 @@ def evaluation(trained_run, shard_dir, tmp_path_factory):
         {"best": str(trained_run), "first epoch": str(checkpoints[0])},
         str(shard_dir),
         out,
-        n_boot=20,
-        min_center_patients=2,
-        mapper=ray_mapper("inference"),
-        parts=2,
-        batch_size=4,
+        EvalConfig(bootstrap=20, min_center_patients=2, parts=2, batch_size=4),
+        ray_mapper("inference"),
     )
     return out, metrics
 
@@ -132,11 +130,10 @@ def test_predict_on_new_patients(trained_run, evaluation, synth_cohort, tmp_path
     table = run_prediction(
         str(trained_run),
         tmp_path / "pred.csv",
-        raw=str(tmp_path / "new"),
-        masks_dir=str(tmp_path / "masks"),
-        mapper_factory=ray_mapper,
-        parts=2,
-        batch_size=4,
+        EvalConfig(parts=2, batch_size=4),
+        ray_mapper,
+        data=str(tmp_path / "new"),
+        masks=str(tmp_path / "masks"),
     )
     assert sorted(table["patient_id"]) == sorted(ids)  # nobody silently missing
     bad = table.set_index("patient_id").loc["HOSP-B-0002"]

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from mmdls_dist.cli import main
+from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.ingest import read_cohort
-from mmdls_dist.data.shards import ShardOptions, build_shards, load_manifest
-from mmdls_dist.data.splits import SplitRecipe
+from mmdls_dist.data.shards import build_shards, load_manifest
 from mmdls_dist.parallel import ray_mapper
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -17,12 +17,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_ray_sharding_equals_serial(ray_session, synth_cohort, synth_report, tmp_path):
     root, _ = synth_cohort
-    recipe = SplitRecipe(seed=3, external_centers=("HOSP-B",))
-    options = ShardOptions(image_size=32, max_patients_per_shard=4)
-    serial = build_shards(synth_report, tmp_path / "serial", recipe, options)
+    prep = PrepConfig(image_size=32, max_patients_per_shard=4, seed=3, external_centers=("HOSP-B",))
+    serial = build_shards(synth_report, tmp_path / "serial", prep)
     parallel_report = read_cohort(root, mapper=ray_mapper(), chunk_size=5)
     assert parallel_report.ok and len(parallel_report.records) == len(synth_report.records)
-    parallel = build_shards(parallel_report, tmp_path / "ray", recipe, options, mapper=ray_mapper())
+    parallel = build_shards(parallel_report, tmp_path / "ray", prep, mapper=ray_mapper())
     assert len(serial["shards"]) >= 6
     assert parallel == serial  # same shards, same sha256s, same manifest
     for entry in serial["shards"]:
@@ -40,11 +39,11 @@ def test_main_job_runs_on_the_embedded_default(ray_session, tmp_path, capsys, ca
         "--workdir",
         str(work),
         "--set",
-        "prep.patients=40",
+        "synth.patients=40",
         "--set",
-        "prep.synth_image_size=32",
+        "synth.image_size=32",
         "--set",
-        "prep.shard_image_size=32",
+        "prep.image_size=32",
         "--set",
         "optim.epochs=1",
         "--set",
@@ -58,7 +57,7 @@ def test_main_job_runs_on_the_embedded_default(ray_session, tmp_path, capsys, ca
     steps = manifest["splits"]["train"]["n_patients"] // 6
     assert f"run 'debug': 1 epochs, {steps} optimizer steps" in out
     truth = json.loads((work / "synthetic" / "truth.json").read_text())
-    assert truth["spec"]["n_patients"] == 40
+    assert truth["spec"]["patients"] == 40
     for key in ("auc_histology", "cindex_dfs", "cindex_os", "dice_lesion"):
         assert f"  {key}" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("cindex_os"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
+import pytest
 from helpers import good_patient, row, volume, write_clinical, write_images
 
 from mmdls_dist.cli import main
@@ -55,10 +57,59 @@ def test_shard_verify_and_stream(tmp_path, capsys, synth_cohort):
 
 
 def test_help_explains_every_command(capsys):
-    for command in ("synth", "ingest", "shard", "verify", "stream", "train"):
+    from mmdls_dist.cli import COMMANDS
+
+    assert len(COMMANDS.commands) == 9
+    for command in COMMANDS.commands:
         try:
             main([command, "--help"])
         except SystemExit as done:
             assert done.code == 0
         text = capsys.readouterr().out
         assert f"usage: mmdls {command}" in text and "--" in text
+
+
+def _parse(argv):
+    from mmdls_dist.cli import COMMANDS
+
+    return COMMANDS.parser("mmdls", "").parse_args(argv)
+
+
+def test_a_command_flag_is_the_config_field_it_names():
+    from mmdls_dist.commands import run
+    from mmdls_dist.config import load_config
+
+    seen = {}
+    args = _parse(["shard", "raw", "out", "--val-fraction", "0.15", "--external-centers", "A,B",
+                   "--allow-rejects", "--set", "prep.seed=4"])  # fmt: skip
+    args.command = dataclasses.replace(args.command, fn=lambda a, cfg: seen.setdefault("c", cfg))
+    run(args)
+    expected = load_config(
+        "debug",
+        ["prep.seed=4", "prep.val_fraction=0.15", "prep.external_centers=[A,B]",
+         "prep.allow_rejects=true"],
+    )  # fmt: skip
+    assert seen["c"] == expected
+    assert seen["c"].prep.external_centers == ("A", "B")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["synth", "x"], ["shard", "r", "o"], ["stream", "s"], ["evaluate", "m"], ["predict", "c"]],
+)
+def test_no_flag_shadows_its_config_field(argv):
+    """Left out, a generated flag sets nothing: the preset's value stands (the old CLI had
+    its own defaults: --image-size 224 against prep's 64, --max-slices 16 against 30)."""
+    from mmdls_dist.options import flag_overrides
+
+    args = _parse(argv)
+    assert flag_overrides(args) == []
+    assert any(dest.startswith("set:") for dest in vars(args))  # the command has flags
+
+
+def test_flag_help_is_the_field_comment(capsys):
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--val-fraction VAL_FRACTION share of the internal (non-external) patients" in text
+    assert "[prep.val_fraction; dataclass default 0.2]" in text

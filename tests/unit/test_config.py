@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mmdls_dist.config import (
+    DEFAULT_PRESET,
     PRESETS_DIR,
     Config,
     DataConfig,
     dump_yaml,
     from_dict,
     load_config,
-    parse_override,
+    resumable_fields,
     to_dict,
 )
+from mmdls_dist.options import field_docs, parse_override
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
@@ -107,3 +111,29 @@ def test_with_values_sets_dotted_fields_and_revalidates():
         with_values(cfg, {"optimizer.lr": 1.0})
     with pytest.raises(TypeError, match="optim.epochs"):
         with_values(cfg, {"optim.epochs": "many"})
+
+
+@pytest.mark.parametrize("block", [f.name for f in dataclasses.fields(Config)])
+def test_every_field_has_a_doc_comment(block):
+    """The comment after a field is its --help text: none may be missing or empty."""
+    cls = type(getattr(Config(), block))
+    docs = field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing, f"{block}: fields without a doc comment: {missing}"
+
+
+def test_field_docs_read_continuation_lines():
+    docs = field_docs(type(Config().model))
+    assert docs["given_lesion_mask"].startswith("the lesion views read the lesion contour")
+    assert docs["given_lesion_mask"].endswith("blends in during the warm-up")
+    assert docs["widths"] == "ResNet encoder channels per stage (4 stages)"
+
+
+def test_resumable_fields_come_from_field_metadata():
+    free = resumable_fields()
+    assert {"run", "chaos", "eval", "optim.epochs", "data.num_workers"} <= set(free)
+    assert not {"model", "loss", "optim.lr", "data.batch_size", "data.max_slices"} & set(free)
+
+
+def test_load_config_defaults_to_the_cli_preset():
+    assert load_config() == load_config(DEFAULT_PRESET) == load_config("debug")

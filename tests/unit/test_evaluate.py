@@ -7,10 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmdls_dist.config import EvalConfig
 from mmdls_dist.evaluation.evaluate import evaluate_frame, group_metrics
 from mmdls_dist.evaluation.reference import fit_reference
 from mmdls_dist.evaluation.report import write_report
 from mmdls_dist.metrics.survival import harrell_c, risk_cutpoints
+
+HORIZONS = (12.0, 24.0, 36.0)
 
 
 def frame(rng, n: int, split: str, centers=("A", "B"), shift: float = 0.0) -> pd.DataFrame:
@@ -58,9 +61,9 @@ def cohort():
 
 def test_reference_is_fixed_on_train_and_applied_unchanged(cohort):
     train = cohort[cohort.split == "train"]
-    ref = fit_reference(train, cohort[cohort.split == "val"])
+    ref = fit_reference(train, cohort[cohort.split == "val"], HORIZONS)
     assert ref.cutpoints["os"] == pytest.approx(risk_cutpoints(train["os_risk"]))
-    out = evaluate_frame(cohort, ref, ["train", "external"], n_boot=0)
+    out = evaluate_frame(cohort, ref, ["train", "external"], EvalConfig(bootstrap=0))
     groups = out["external"]["all"]["os"]["risk_groups"]["curves"]
     ext = cohort[cohort.split == "external"]["os_risk"].to_numpy()
     cuts = np.quantile(train["os_risk"], [1 / 3, 2 / 3])
@@ -73,7 +76,7 @@ def test_reference_is_fixed_on_train_and_applied_unchanged(cohort):
 
 
 def test_group_metrics_and_bootstrap_ci(cohort):
-    ref = fit_reference(cohort[cohort.split == "train"], cohort[cohort.split == "val"])
+    ref = fit_reference(cohort[cohort.split == "train"], cohort[cohort.split == "val"], HORIZONS)
     val = cohort[cohort.split == "val"]
     m = group_metrics(val, ref, n_boot=100, seed=4)
     assert m["os"]["harrell_c"] == pytest.approx(
@@ -95,13 +98,15 @@ def test_group_metrics_and_bootstrap_ci(cohort):
 
 
 def test_centers_get_their_own_sections_and_report_is_written(cohort, tmp_path):
-    ref = fit_reference(cohort[cohort.split == "train"], cohort[cohort.split == "val"])
-    out = evaluate_frame(cohort, ref, ["val", "external"], n_boot=20)
+    ref = fit_reference(cohort[cohort.split == "train"], cohort[cohort.split == "val"], HORIZONS)
+    out = evaluate_frame(cohort, ref, ["val", "external"], EvalConfig(bootstrap=20))
     assert set(out["val"]["centers"]) == {"A", "B"}
     assert out["external"]["centers"] == {}  # one center: the split is the center
     assert out["val"]["centers"]["A"]["n_patients"] == 60
     results = {"full": out, "clinical only": out}
-    page = write_report(tmp_path, results, {"summary": "test", "overlay_split": "val"}, {})
+    page = write_report(
+        tmp_path, results, {"summary": "test", "overlay_split": "val", "horizons": HORIZONS}, {}
+    )
     text = page.read_text()
     assert "Model comparison" in text and "full / external: all centers" in text
     assert "full / val: A" in text and text.count("data:image/png;base64,") >= 6

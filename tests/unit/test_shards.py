@@ -10,19 +10,17 @@ import torch
 from helpers import good_patient, row, write_clinical
 from PIL import Image
 
-from mmdls_dist.config import DataConfig
+from mmdls_dist.config import DataConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
 from mmdls_dist.data.shards import (
     ShardError,
-    ShardOptions,
     build_shards,
     load_manifest,
     normalization_stats,
     verify_shards,
 )
-from mmdls_dist.data.splits import SplitRecipe
 
 
 @pytest.fixture
@@ -55,7 +53,7 @@ def test_round_trip_gives_back_pixels_masks_and_values(exact_cohort, tmp_path):
     assert report.ok
     out = tmp_path / "shards"
     manifest = build_shards(
-        report, out, SplitRecipe(val_fraction=0.0, test_fraction=0.0), ShardOptions(image_size=24)
+        report, out, PrepConfig(image_size=24, val_fraction=0.0, test_fraction=0.0)
     )
     batches = _all_batches(out, "train", max_slices=8)
     seen = {}
@@ -135,7 +133,7 @@ def test_manifest_records_splits_centers_and_train_only_stats(synth_report, shar
     recorded = _flat(manifest["normalization"])
     assert recorded == pytest.approx(_flat(normalization_stats(train)), rel=1e-12)
     assert recorded != pytest.approx(_flat(normalization_stats(synth_report.records)), rel=1e-3)
-    assert manifest["split_recipe"]["external_centers"] == ["HOSP-C"]
+    assert manifest["prep"]["external_centers"] == ["HOSP-C"]
     assert manifest["source"] == {"n_read": 40, "n_kept": 40, "n_rejected": 0}
 
 
@@ -149,8 +147,14 @@ def test_sharding_is_reproducible(synth_report, shard_dir, tmp_path):
     again = build_shards(
         synth_report,
         tmp_path / "again",
-        SplitRecipe(seed=3, val_fraction=0.2, test_fraction=0.1, external_centers=("HOSP-C",)),
-        ShardOptions(image_size=32, max_patients_per_shard=5),
+        PrepConfig(
+            image_size=32,
+            max_patients_per_shard=5,
+            seed=3,
+            val_fraction=0.2,
+            test_fraction=0.1,
+            external_centers=("HOSP-C",),
+        ),
     )
     assert again == load_manifest(str(shard_dir))
 
@@ -159,8 +163,7 @@ def test_byte_limit_splits_shards(synth_report, tmp_path):
     manifest = build_shards(
         synth_report,
         tmp_path / "s",
-        SplitRecipe(),
-        ShardOptions(image_size=128, max_shard_bytes=2**20),
+        PrepConfig(image_size=128, max_shard_mb=1.0, val_fraction=0.15, test_fraction=0.15),
     )
     assert all(e["bytes"] <= 2**20 for e in manifest["shards"])
     train = [e for e in manifest["shards"] if e["split"] == "train"]
@@ -212,14 +215,12 @@ def test_defects_block_sharding_unless_allowed(tmp_path):
         good_patient(root, pid, seed=i)
     report = read_cohort(root)
     with pytest.raises(ValueError, match="1 defects.*--allow-rejects"):
-        build_shards(report, tmp_path / "s1", SplitRecipe(), ShardOptions(image_size=16))
+        build_shards(report, tmp_path / "s1", PrepConfig(image_size=16))
     assert not (tmp_path / "s1" / "manifest.json").exists()
     manifest = build_shards(
         report,
         tmp_path / "s2",
-        SplitRecipe(val_fraction=0.0, test_fraction=0.0),
-        ShardOptions(image_size=16),
-        allow_rejects=True,
+        PrepConfig(image_size=16, val_fraction=0.0, test_fraction=0.0, allow_rejects=True),
     )
     assert manifest["source"] == {"n_read": 3, "n_kept": 2, "n_rejected": 1}
     assert "histology" in manifest["rejected"]["BAD"][0]
@@ -228,4 +229,4 @@ def test_defects_block_sharding_unless_allowed(tmp_path):
 
 def test_existing_shards_are_not_overwritten(synth_report, shard_dir):
     with pytest.raises(FileExistsError, match="already holds shards"):
-        build_shards(synth_report, shard_dir, SplitRecipe(), ShardOptions(image_size=32))
+        build_shards(synth_report, shard_dir, PrepConfig(image_size=32))

@@ -7,8 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.schema import PatientRecord
-from mmdls_dist.data.splits import SplitRecipe, assign_splits
+from mmdls_dist.data.splits import assign_splits
 
 
 def _records(n: int, seed: int = 0) -> list[PatientRecord]:
@@ -40,7 +41,7 @@ def _records(n: int, seed: int = 0) -> list[PatientRecord]:
 
 def test_every_patient_in_exactly_one_split():
     records = _records(500)
-    split = assign_splits(records, SplitRecipe(seed=1))
+    split = assign_splits(records, PrepConfig(seed=1, val_fraction=0.15, test_fraction=0.15))
     assert set(split) == {r.patient_id for r in records}
     counts = Counter(split.values())
     assert counts["train"] == 350 and counts["val"] == 75 and counts["test"] == 75
@@ -48,7 +49,7 @@ def test_every_patient_in_exactly_one_split():
 
 def test_strata_are_proportional():
     records = _records(1200, seed=2)
-    split = assign_splits(records, SplitRecipe(seed=0, val_fraction=0.2, test_fraction=0.2))
+    split = assign_splits(records, PrepConfig(seed=0, val_fraction=0.2, test_fraction=0.2))
     by_stratum: dict = {}
     for r in records:
         key = (r.center, r.labels["histology"], r.labels["tnm_stage"])
@@ -60,25 +61,27 @@ def test_strata_are_proportional():
 
 def test_leave_center_out():
     records = _records(300)
-    split = assign_splits(records, SplitRecipe(external_centers=("C1", "C3")))
+    split = assign_splits(
+        records, PrepConfig(external_centers=("C1", "C3"), val_fraction=0.15, test_fraction=0.15)
+    )
     for r in records:
         assert (split[r.patient_id] == "external") == (r.center in {"C1", "C3"})
 
 
 def test_deterministic_and_seed_dependent():
     records = _records(200)
-    a = assign_splits(records, SplitRecipe(seed=5))
-    assert a == assign_splits(list(reversed(records)), SplitRecipe(seed=5))
-    assert a != assign_splits(records, SplitRecipe(seed=6))
+    a = assign_splits(records, PrepConfig(seed=5))
+    assert a == assign_splits(list(reversed(records)), PrepConfig(seed=5))
+    assert a != assign_splits(records, PrepConfig(seed=6))
 
 
 def test_bad_recipes_are_refused():
     records = _records(20)
     with pytest.raises(ValueError, match="'C9'.*not in the cohort"):
-        assign_splits(records, SplitRecipe(external_centers=("C9",)))
+        assign_splits(records, PrepConfig(external_centers=("C9",)))
     with pytest.raises(ValueError, match="holds out every center"):
-        assign_splits(records, SplitRecipe(external_centers=("C0", "C1", "C2", "C3")))
+        assign_splits(records, PrepConfig(external_centers=("C0", "C1", "C2", "C3")))
     with pytest.raises(ValueError, match="val_fraction"):
-        SplitRecipe(val_fraction=1.2)
+        PrepConfig(val_fraction=1.2)
     with pytest.raises(ValueError, match="must be < 1"):
-        SplitRecipe(val_fraction=0.5, test_fraction=0.5)
+        PrepConfig(val_fraction=0.5, test_fraction=0.5)

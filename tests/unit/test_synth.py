@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from lifelines.utils import concordance_index
 from PIL import Image
 from sksurv.metrics import concordance_index_censored
 
-from mmdls_dist.data.synth import SynthSpec, generate, oracle_cindex
+from mmdls_dist.config import SynthConfig
+from mmdls_dist.data.synth import generate, oracle_cindex
 
 
 def _digest(root: Path) -> str:
@@ -28,7 +30,7 @@ def test_deterministic_for_a_seed(tmp_path, synth_cohort):
     root, _ = synth_cohort
     generate(TINY, tmp_path / "again", tmp_path / "again.json")
     assert _digest(tmp_path / "again") == _digest(root)
-    other = SynthSpec(**{**TINY.__dict__, "seed": TINY.seed + 1})
+    other = dataclasses.replace(TINY, seed=TINY.seed + 1)
     generate(other, tmp_path / "other", tmp_path / "other.json")
     assert _digest(tmp_path / "other") != _digest(root)
 
@@ -41,7 +43,7 @@ def test_truth_must_live_outside_data_root(tmp_path):
 def test_imports_cleanly_with_documented_gaps(synth_report, synth_cohort):
     report = synth_report
     assert report.ok, report.summary()
-    assert len(report.records) == TINY.n_patients
+    assert len(report.records) == TINY.patients
     assert {r.center for r in report.records} == {"HOSP-A", "HOSP-B", "HOSP-C"}
     sizes = {r.center: r.image_size for r in report.records}
     assert len(set(sizes.values())) == 3  # centers differ in image size
@@ -73,7 +75,7 @@ def test_oracle_cindex_matches_lifelines(synth_report, synth_cohort):
 
 def test_survival_follows_the_linear_predictor(tmp_path):
     """On a larger cohort the true eta ranks survival well and the event rate is realistic."""
-    spec = SynthSpec(n_patients=400, seed=1, image_size=32, min_slices=2, max_slices=3)
+    spec = SynthConfig(patients=400, seed=1, image_size=32, min_slices=2, max_slices=3)
     truth = generate(spec, tmp_path / "raw", tmp_path / "t.json")
     for endpoint in ("dfs", "os"):
         info = truth["endpoints"][endpoint]
