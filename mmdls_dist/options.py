@@ -18,10 +18,12 @@ import dataclasses
 import functools
 import inspect
 import io
+import json
 import re
 import tokenize
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -203,17 +205,23 @@ def add_flags(
         doc = field_docs(cls).get(f.name, "").replace("%", "%%")
         text = f"{doc} [{section}.{f.name}; dataclass default {getattr(defaults, f.name)!r}]"
         kwargs: dict[str, Any] = {"dest": f"set:{section}.{f.name}", "default": None}
-        if hints[f.name] is bool:
+        hint = hints[f.name]
+        if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.name.upper()
-            kwargs["type"] = _tuple_text if typing.get_origin(hints[f.name]) is tuple else str
+            kwargs["type"] = _as_yaml(hint)
         group.add_argument(flag, help=text, **kwargs)
 
 
-def _tuple_text(text: str) -> str:
-    """`A,B` -> `[A,B]` (YAML list) unless already a YAML list."""
-    return text if text.strip().startswith("[") else f"[{text}]"
+def _as_yaml(hint: Any) -> Callable[[str], str]:
+    """The flag's text -> the YAML that --set would take: a str field's text quoted (so
+    `--name 007` stays a string), a tuple field's `A,B` as the list `[A,B]`."""
+    if hint is str:
+        return json.dumps
+    if typing.get_origin(hint) is tuple:
+        return lambda text: text if text.strip().startswith("[") else f"[{text}]"
+    return str
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import TINY
+from helpers import TINY, TINY_PREP
 
-from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import build_shards
 from mmdls_dist.data.synth import generate
@@ -31,13 +30,6 @@ def shard_dir(synth_report, tmp_path_factory):
     build_shards(
         synth_report,
         out,
-        PrepConfig(
-            image_size=32,
-            max_patients_per_shard=5,
-            seed=3,
-            val_fraction=0.2,
-            test_fraction=0.1,
-            external_centers=("HOSP-C",),
-        ),
+        TINY_PREP,
     )
     return out

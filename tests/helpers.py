@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdls_dist.config import SynthConfig, load_config
+from mmdls_dist.config import PrepConfig, SynthConfig, load_config
 from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, N_RADIOMICS
 
 # The smallest MM-DLS that still has every part (model and loss tests).
@@ -24,6 +24,15 @@ TINY_MODEL = dict(
 
 # The shared synthetic cohort of the session fixtures (tests/conftest.py).
 TINY = SynthConfig(patients=40, seed=7, centers=3, image_size=40, min_slices=4, max_slices=9)
+# ... and how it is sharded: HOSP-C external, small shards so splits span several.
+TINY_PREP = PrepConfig(
+    image_size=32,
+    max_patients_per_shard=5,
+    seed=3,
+    val_fraction=0.2,
+    test_fraction=0.1,
+    external_centers=("HOSP-C",),
+)
 
 GOOD_ROW = {
     "center": "C1",

@@ -26,12 +26,12 @@ from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
 from mmdls_dist.data.shards import load_manifest, manifest_hash
-from mmdls_dist.metrics.summary import summarize
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
 from mmdls_dist.train.distributed import gather_with_grad, rank_and_world
 from mmdls_dist.train.losses import TaskWeighting, compute_losses
+from mmdls_dist.train.validation import summarize
 
 log = logging.getLogger(__name__)
 

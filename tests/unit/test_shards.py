@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import good_patient, row, write_clinical
+from helpers import TINY_PREP, good_patient, row, write_clinical
 from PIL import Image
 
 from mmdls_dist.config import DataConfig, PrepConfig
@@ -147,14 +147,7 @@ def test_sharding_is_reproducible(synth_report, shard_dir, tmp_path):
     again = build_shards(
         synth_report,
         tmp_path / "again",
-        PrepConfig(
-            image_size=32,
-            max_patients_per_shard=5,
-            seed=3,
-            val_fraction=0.2,
-            test_fraction=0.1,
-            external_centers=("HOSP-C",),
-        ),
+        TINY_PREP,
     )
     assert again == load_manifest(str(shard_dir))
 

@@ -1,6 +1,6 @@
-"""The validation summary a training run reports every epoch (and Tune's objective): the
-gathered per-patient prediction records -> one metric dict, through the same functions the
-evaluation report uses."""
+"""The validation metrics a training run reports every epoch (and Tune's objective): the
+gathered per-patient prediction records (model/output.py) -> one metric dict, through the
+same metric functions the evaluation report uses (metrics/)."""
 
 from __future__ import annotations
 

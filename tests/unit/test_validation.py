@@ -1,4 +1,4 @@
-"""Dice and the validation summary a training run reports (metrics/summary.py)."""
+"""Dice and the validation summary a training run reports (train/validation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmdls_dist.metrics.segmentation import dice_per_patient, mean_dice
-from mmdls_dist.metrics.summary import composite, summarize
+from mmdls_dist.train.validation import composite, summarize
 
 
 def test_dice_excludes_empty_pairs():
