@@ -14,6 +14,7 @@ import torch.nn.functional as F  # noqa: N812
 from mmdls_dist.data.schema import (
     CLINICAL_COLUMNS,
     CLINICAL_FEATURES,
+    ENDPOINTS,
     N_RADIOMICS,
     PET_FEATURES,
     ZSCORE_CLINICAL,
@@ -122,7 +123,7 @@ def labels(metas: list[dict]) -> dict[str, torch.Tensor]:
             [-1 if m["labels"][key] is None else int(m["labels"][key]) for m in metas],
             dtype=torch.int64,
         )
-    for endpoint in ("dfs", "os"):
+    for endpoint in ENDPOINTS:
         time = [m["labels"][f"{endpoint}_time"] for m in metas]
         event = [m["labels"][f"{endpoint}_event"] for m in metas]
         known = [t is not None and e is not None for t, e in zip(time, event, strict=True)]

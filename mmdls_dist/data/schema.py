@@ -18,6 +18,7 @@ PATIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 N_RADIOMICS = 128
 STAGES = ("I-II", "III", "IV")  # tnm_stage codes 0, 1, 2
 ENDPOINTS = ("dfs", "os")  # disease-free and overall survival
+SPLITS = ("train", "val", "test", "external")  # external = held-out centers
 
 
 @dataclass(frozen=True)

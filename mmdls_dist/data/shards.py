@@ -38,11 +38,12 @@ from mmdls_dist.data.schema import (
     N_RADIOMICS,
     PET_COLUMNS,
     SCHEMA_VERSION,
+    SPLITS,
     ZSCORE_CLINICAL,
     PatientRecord,
     before_zscore,
 )
-from mmdls_dist.data.splits import SPLITS, assign_splits
+from mmdls_dist.data.splits import assign_splits
 
 MANIFEST = "manifest.json"
 TAR_BLOCK = 512

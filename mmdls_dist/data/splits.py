@@ -13,8 +13,6 @@ import numpy as np
 from mmdls_dist.config import PrepConfig
 from mmdls_dist.data.schema import PatientRecord
 
-SPLITS = ("train", "val", "test", "external")
-
 
 def _stratum(record: PatientRecord, keys: tuple[str, ...]) -> tuple:
     out = []

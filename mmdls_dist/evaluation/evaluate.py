@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score
 
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
-from mmdls_dist.data.schema import ENDPOINTS, STAGES
+from mmdls_dist.data.schema import ENDPOINTS, SPLITS, STAGES
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
@@ -232,9 +232,7 @@ def run_evaluation(
     if shards is None:
         first = resolve_checkpoint(next(iter(checkpoints.values())))
         shards = checkpoint_identity(first)["config"]["data"]["shards"]
-    available = [
-        s for s in ("train", "val", "test", "external") if s in load_manifest(shards)["splits"]
-    ]
+    available = [s for s in SPLITS if s in load_manifest(shards)["splits"]]
     splits = splits or available
     overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
     results, models, overlays = {}, {}, {}

@@ -88,7 +88,7 @@ def with_rejected(table: pd.DataFrame, manifest: dict) -> pd.DataFrame:
     """Append a row (status "rejected", the reasons, no values) per unreadable patient."""
     rows = [
         {"patient_id": pid, "status": "rejected", "reason": " | ".join(reasons)}
-        for pid, reasons in manifest.get("rejected", {}).items()
+        for pid, reasons in manifest["rejected"].items()
     ]
     return pd.DataFrame(table.to_dict("records") + rows, columns=table.columns)
 

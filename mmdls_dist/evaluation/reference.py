@@ -51,7 +51,7 @@ class Reference:
             baselines={e: BreslowBaseline.from_dict(b) for e, b in d["baselines"].items()},
             censoring={e: CensoringKM.from_dict(c) for e, c in d["censoring"].items()},
             horizons=tuple(d["horizons"]),
-            notes=list(d.get("notes", [])),
+            notes=list(d["notes"]),
         )
 
 

@@ -11,10 +11,8 @@ import html
 import math
 from pathlib import Path
 
-from mmdls_dist.data.schema import ENDPOINTS
+from mmdls_dist.data.schema import ENDPOINTS, SPLITS
 from mmdls_dist.evaluation.figures import classification_figure, km_figure, overlay_figure
-
-SPLIT_ORDER = ("train", "val", "test", "external")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -74,7 +72,7 @@ HEADLINE_ROWS = (
 
 def side_by_side(by_split: dict, horizons: list[str]) -> str:
     """Headline metrics, one column per split (internal vs external at a glance)."""
-    splits = [s for s in SPLIT_ORDER if s in by_split]
+    splits = [s for s in SPLITS if s in by_split]
     rows = [["patients", *[str(by_split[s]["all"]["n_patients"]) for s in splits]]]
     for label, block, key, ci_key in HEADLINE_ROWS:
         cells = []
@@ -260,7 +258,7 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
     for label, by_split in results.items():
         body.append(f"<h2>{html.escape(label)}: internal vs external</h2>")
         body.append(side_by_side(by_split, horizons))
-        for split in [s for s in SPLIT_ORDER if s in by_split]:
+        for split in [s for s in SPLITS if s in by_split]:
             stem = f"{slug(label)}-{split}"
             m = by_split[split]["all"]
             figures = {
