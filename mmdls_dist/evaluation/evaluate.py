@@ -62,11 +62,32 @@ AT_RISK_TIMES = (0.0, 12.0, 24.0, 36.0, 48.0, 60.0)  # months, under the KM curv
 # --- metrics of one group of patients ------------------------------------------------------
 
 
+def support_notes(endpoint: str, censoring, horizons, time, event) -> list[str]:
+    """Why IPCW metrics are blank: a horizon at or beyond the end of the training split's
+    censoring support (nobody there was still followed; G = 0), or an event before Uno's
+    truncation time out there."""
+    end = censoring.support_end
+    late = [f"{h:g}" for h in horizons if h >= end]
+    notes = []
+    if late:
+        notes.append(
+            f"{endpoint.upper()}: time-dependent AUC and Brier at {', '.join(late)} months "
+            f"are not defined: the training split's follow-up ends at {end:g} months"
+        )
+    if np.any(event & (time >= end) & (time < horizons[-1])):
+        notes.append(
+            f"{endpoint.upper()}: Uno's C (truncated at {horizons[-1]:g} months) is not "
+            f"defined: events after the training split's last follow-up ({end:g} months)"
+        )
+    return notes
+
+
 def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
+    """Every survival metric of one group of patients; notes say why one is blank."""
     risk, time, event = endpoint_arrays(frame, endpoint)
     out: dict = {"n": int(len(risk)), "events": int(event.sum())}
     if len(risk) < 2 or not event.any():
-        return out | {"harrell_c": math.nan, "uno_c": math.nan}
+        return out | {"harrell_c": math.nan, "uno_c": math.nan, "notes": []}
     horizons = np.asarray(ref.horizons)
     censoring = ref.censoring[endpoint]
     surv = ref.baselines[endpoint].survival_at(risk, horizons)
@@ -91,6 +112,7 @@ def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
         "ibs_grid_months": [float(grid[0]), float(grid[-1])] if len(grid) >= 2 else None,
         "mean_predicted_survival": _by_horizon(horizons, surv.mean(axis=0)),
         "risk_groups": kaplan_meier_groups(time, event, groups, AT_RISK_TIMES),
+        "notes": support_notes(endpoint, censoring, horizons, time, event),
     }
 
 

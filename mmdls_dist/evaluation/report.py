@@ -104,6 +104,8 @@ def side_by_side(by_split: dict, horizons: list[str]) -> str:
 def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> str:
     """Tables (and figures where given) of one split or center."""
     parts = [f"<h3>{html.escape(title)}</h3>"]
+    for e in ENDPOINTS:
+        parts += [f'<p class="note">{html.escape(n)}</p>' for n in m[e].get("notes", [])]
     hist = m["histology"]
     at = hist.get("at_threshold", {})
     parts.append(

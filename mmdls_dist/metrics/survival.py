@@ -44,6 +44,10 @@ class CensoringKM:
     "first"), the convention of scikit-survival's CensoringDistributionEstimator. G is
     right-continuous; beyond the last fitted time it keeps its last value (scikit-survival
     refuses those times; a later external cohort may have longer follow-up).
+
+    Its support ends where G reaches 0 (the training split's last time, when that is a
+    censoring): an IPCW metric that needs a weight 1/G there is undefined and comes out
+    NaN; one at an earlier horizon only needs G up to that horizon and is computed.
     """
 
     times: np.ndarray  # [m] unique fitted times, ascending
@@ -72,13 +76,19 @@ class CensoringKM:
         idx = np.searchsorted(self.times, t, side="right") - 1
         return np.where(idx < 0, 1.0, self.survival[np.clip(idx, 0, None)])
 
+    @property
+    def support_end(self) -> float:
+        """The first time with G = 0 (inf when G never reaches 0): IPCW metrics are defined
+        for horizons before it."""
+        zero = np.flatnonzero(self.survival <= 0)
+        return float(self.times[zero[0]]) if len(zero) else float("inf")
+
     def ipcw(self, time, event) -> np.ndarray:
-        """delta_i / G(t_i): the weight of each observed event (0 for the censored)."""
+        """delta_i / G(t_i): the weight of each observed event (0 for the censored); NaN for
+        an event where G = 0 (beyond the censoring support), so a metric using it is NaN."""
         g = self(time)
         event = np.asarray(event).astype(bool)
-        if np.any(event & (g <= 0)):
-            raise ValueError("censoring survival is 0 at an event time; truncate with tau")
-        return np.where(event, 1.0 / np.where(g > 0, g, 1.0), 0.0)
+        return np.where(event, 1.0 / np.where(g > 0, g, np.nan), 0.0)
 
     def to_dict(self) -> dict:
         return {"times": self.times.tolist(), "survival": self.survival.tolist()}
@@ -149,9 +159,12 @@ def harrell_c(risk, time, event) -> float:
 
 def uno_c(risk, time, event, censoring: CensoringKM, tau: float | None = None) -> float:
     """Uno's C-index: pairs weighted by G(t_i)^-2, events at t_i >= tau left out as the
-    earlier member of a pair (scikit-survival's concordance_index_ipcw definition)."""
+    earlier member of a pair (scikit-survival's concordance_index_ipcw definition). NaN
+    when an event before tau lies beyond the censoring support."""
     risk, time, event = _arrays(risk, time, event)
     weight = censoring.ipcw(time, event & (time < tau if tau is not None else True)) ** 2
+    if np.isnan(weight).any():
+        return float("nan")
     return _concordance(risk, time, event, weight)
 
 
@@ -160,14 +173,15 @@ def uno_c(risk, time, event, censoring: CensoringKM, tau: float | None = None) -
 
 def cumulative_dynamic_auc(risk, time, event, horizons, censoring: CensoringKM) -> np.ndarray:
     """AUC(t) for each horizon t: cases = events by t (weight 1/G(t_i)), controls = still
-    event-free after t; ties in risk count 1/2. [len(horizons)], NaN without cases/controls."""
+    event-free after t; ties in risk count 1/2. [len(horizons)], NaN without cases/controls
+    or when a case lies beyond the censoring support (events after t need no weight)."""
     risk, time, event = _arrays(risk, time, event)
     w = censoring.ipcw(time, event)
     out = []
     for t in np.atleast_1d(horizons):
         case = event & (time <= t)
         controls = np.sort(risk[time > t])
-        if not case.any() or len(controls) == 0:
+        if not case.any() or len(controls) == 0 or np.isnan(w[case]).any():
             out.append(float("nan"))
             continue
         lo = np.searchsorted(controls, risk[case], side="left")
@@ -180,20 +194,21 @@ def cumulative_dynamic_auc(risk, time, event, horizons, censoring: CensoringKM) 
 def brier_scores(survival_prob, time, event, horizons, censoring: CensoringKM) -> np.ndarray:
     """IPCW Brier score at each horizon (Graf et al. 1999; scikit-survival's brier_score).
 
-    survival_prob [n, T]: predicted P(T_i > horizon_k); -> [T]."""
+    survival_prob [n, T]: predicted P(T_i > horizon_k); -> [T]. NaN at a horizon at or
+    beyond the censoring support (G = 0 there, or at a case's event time)."""
     _, time, event = _arrays(time, time, event)
     prob = np.asarray(survival_prob, dtype=np.float64).reshape(len(time), -1)
     g_obs = censoring(time)
-    g_obs = np.where(g_obs > 0, g_obs, np.inf)
     out = []
     for k, t in enumerate(np.atleast_1d(horizons)):
         g_t = float(censoring(t))
-        g_t = g_t if g_t > 0 else np.inf
         case = event & (time <= t)
         control = time > t
-        out.append(
-            float(np.mean(prob[:, k] ** 2 * case / g_obs + (1 - prob[:, k]) ** 2 * control / g_t))
-        )
+        if g_t <= 0 or np.any(g_obs[case] <= 0):
+            out.append(float("nan"))
+            continue
+        case_term = np.divide(prob[:, k] ** 2, g_obs, out=np.zeros(len(time)), where=case)
+        out.append(float(np.mean(case_term + (1 - prob[:, k]) ** 2 * control / g_t)))
     return np.asarray(out)
 
 

@@ -16,8 +16,11 @@ from mmdls_dist.metrics.survival import harrell_c, risk_cutpoints
 HORIZONS = (12.0, 24.0, 36.0)
 
 
-def frame(rng, n: int, split: str, centers=("A", "B"), shift: float = 0.0) -> pd.DataFrame:
-    """Predictions with signal: risk drives time, histology_prob drives the label."""
+def frame(
+    rng, n: int, split: str, centers=("A", "B"), shift: float = 0.0, follow_up: float = 72.0
+) -> pd.DataFrame:
+    """Predictions with signal: risk drives time, histology_prob drives the label;
+    administrative censoring uniform in [6, follow_up] months."""
     risk = rng.normal(size=n) + shift
     hist = rng.integers(0, 2, n)
     stage = rng.integers(0, 3, n)
@@ -38,7 +41,7 @@ def frame(rng, n: int, split: str, centers=("A", "B"), shift: float = 0.0) -> pd
     }
     for endpoint in ("dfs", "os"):
         t = rng.exponential(30.0 * np.exp(-0.8 * risk)) + 0.5
-        c = rng.uniform(6, 72, n)
+        c = rng.uniform(6, follow_up, n)
         out[f"{endpoint}_risk"] = risk
         out[f"{endpoint}_time"] = np.minimum(t, c)
         out[f"{endpoint}_event"] = t <= c
@@ -112,3 +115,35 @@ def test_centers_get_their_own_sections_and_report_is_written(cohort, tmp_path):
     assert "full / val: A" in text and text.count("data:image/png;base64,") >= 6
     assert (tmp_path / "figures" / "full-external-km-os.png").stat().st_size > 10_000
     assert "val-0001" not in text  # patient ids stay out of the report
+
+
+def test_longer_external_follow_up_is_scored_not_an_abort(tmp_path):
+    """An external center followed twice as long as the training split, with events after
+    the training split's last (censored) follow-up: the metrics that need the censoring
+    distribution only up to their horizon are computed; one beyond its support is NaN
+    with a note in the report, never an abort."""
+    rng = np.random.default_rng(3)
+    train = frame(rng, 300, "train", follow_up=60.0)
+    last = train.sort_values("os_time").iloc[-1]
+    assert not last["os_event"]  # the training censoring distribution reaches 0 there
+    external = frame(rng, 200, "external", centers=("EXT",), follow_up=120.0)
+    end = last["os_time"]
+    assert (external["os_event"] & (external["os_time"] > end)).sum() > 5
+    cohort = pd.concat([train, external], ignore_index=True)
+    ref = fit_reference(train, None, HORIZONS)
+    m = evaluate_frame(cohort, ref, ["external"], EvalConfig(bootstrap=20))["external"]["all"]
+    assert all(np.isfinite(m["os"]["td_auc"][h]) for h in ("12", "24", "36"))
+    assert all(np.isfinite(m["os"]["brier"][h]) for h in ("12", "24", "36"))
+    assert np.isfinite(m["os"]["uno_c"]) and np.isfinite(m["os"]["integrated_brier"])
+    assert m["os"]["notes"] == []
+    # A horizon past the training follow-up: NaN, and the report says why.
+    late = fit_reference(train, None, (12.0, 36.0, 100.0))
+    m = evaluate_frame(cohort, late, ["external"], EvalConfig(bootstrap=0))["external"]["all"]
+    assert np.isfinite(m["os"]["td_auc"]["36"]) and np.isnan(m["os"]["td_auc"]["100"])
+    assert np.isnan(m["os"]["brier"]["100"]) and np.isnan(m["os"]["uno_c"])
+    notes = " ".join(m["os"]["notes"])
+    assert "at 100 months are not defined" in notes and f"ends at {end:g} months" in notes
+    assert "Uno's C (truncated at 100 months) is not defined" in notes
+    out = {"m": {"external": {"all": m, "centers": {}}}}
+    page = write_report(tmp_path, out, {"overlay_split": "", "horizons": late.horizons}, {})
+    assert "at 100 months are not defined" in page.read_text()
