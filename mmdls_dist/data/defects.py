@@ -11,6 +11,12 @@ from mmdls_dist.data.schema import PatientRecord
 
 Mapper = Callable[[Callable, Sequence], list]
 
+# What a defect of a whole file costs (the file is not read at all).
+CONSEQUENCE = {
+    "clinical.csv": "no patient can be read",
+    "radiomics.csv": "radiomics are missing for every patient",
+}
+
 
 @dataclass(frozen=True)
 class Defect:
@@ -22,8 +28,10 @@ class Defect:
     message: str
 
     def __str__(self) -> str:
-        who = f"patient {self.patient_id}" if self.patient_id is not None else "(file)"
-        return f"{self.file}: {who}: {self.field}: {self.message}"
+        if self.patient_id is None:
+            cost = CONSEQUENCE.get(self.file, "the file is not read")
+            return f"{self.file}: (file): {self.field}: {self.message}; so {cost}"
+        return f"{self.file}: patient {self.patient_id}: {self.field}: {self.message}"
 
 
 @dataclass
@@ -36,10 +44,19 @@ class IngestReport:
     defects: list[Defect] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     radiomics_names: list[str] = field(default_factory=list)  # radiomics.csv order, kept
+    # Every usable id clinical.csv names, kept or not (a duplicate, a broken row): other
+    # files' rows and folders of these patients are not reported as "no clinical.csv row".
+    clinical_ids: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
         return not self.defects
+
+    @property
+    def file_defects(self) -> list[Defect]:
+        """Defects of whole files (patient_id None): they reject nobody, so sharding with
+        --allow-rejects records them in the manifest's source.defects."""
+        return [d for d in self.defects if d.patient_id is None]
 
     @property
     def rejected(self) -> dict[str, list[Defect]]:
@@ -55,6 +72,7 @@ class IngestReport:
             f"import of {self.root}: {self.n_read} patients read, {len(self.records)} kept, "
             f"{len(self.rejected)} rejected, {len(self.defects)} defects"
         ]
+        lines += [f"FILE DEFECT: {d}" for d in self.file_defects]
         reasons = Counter(d.field for d in self.defects)
         if reasons:
             lines.append(

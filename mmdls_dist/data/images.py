@@ -4,6 +4,7 @@ every slice (mode, size, binary masks), chunk by chunk, so it can run as paralle
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,24 @@ IMAGES = "images"
 MASK_VALUES = (0, 255)
 
 
-def _png_names(folder: Path, rel: str, pid: str, field_name: str, defects: list[Defect]):
-    """Sorted slice file names of one folder; non-PNG files are defects, dotfiles ignored."""
+def _outside(path: Path, top: Path) -> bool:
+    """Whether `path` resolves (through links) to somewhere outside the folder `top`."""
+    return not path.resolve().is_relative_to(top)
+
+
+OUTSIDE = "resolves outside DATA_ROOT (a link); an export's files must lie inside it"
+
+
+def _png_names(folder: Path, rel: str, pid: str, field_name: str, defects: list[Defect], top: Path):
+    """Sorted slice file names of one folder; non-PNG files and files resolving outside
+    `top` (DATA_ROOT, resolved) are defects, dotfiles ignored."""
     names = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue  # .DS_Store and friends from the export machine, never slices
+        if _outside(entry, top):
+            defects.append(Defect(f"{rel}/{entry.name}", pid, field_name, OUTSIDE))
+            continue
         if not entry.is_file() or entry.suffix.lower() != ".png":
             defects.append(Defect(f"{rel}/{entry.name}", pid, field_name, "not a .png slice file"))
             continue
@@ -55,8 +68,9 @@ def list_images(
     for_prediction: the lung/ folder may be absent (CT alone is enough to predict)."""
     defects = report.defects
     images = root / IMAGES
+    top = root.resolve()
     folders = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
-    for orphan in sorted(folders - set(records)):
+    for orphan in sorted(folders - set(records) - report.clinical_ids):
         defects.append(
             Defect(
                 f"{IMAGES}/{orphan}", orphan, "patient_id", "image folder has no clinical.csv row"
@@ -64,11 +78,18 @@ def list_images(
         )
     for pid, record in records.items():
         base = f"{IMAGES}/{pid}"
-        ct_dir = images / pid / "ct"
+        folder = images / pid
+        kinds = ("", "ct", "lung", "lesion")
+        links = [k for k in kinds if (folder / k).exists() and _outside(folder / k, top)]
+        if links:
+            where = f"{base}/{links[0]}".rstrip("/")
+            defects.append(Defect(where, pid, links[0] or "patient_id", OUTSIDE))
+            continue
+        ct_dir = folder / "ct"
         if not ct_dir.is_dir():
             defects.append(Defect(f"{base}/ct", pid, "ct", "CT folder is missing"))
             continue
-        ct = _png_names(ct_dir, f"{base}/ct", pid, "ct", defects)
+        ct = _png_names(ct_dir, f"{base}/ct", pid, "ct", defects, top)
         if not ct:
             defects.append(Defect(f"{base}/ct", pid, "ct", "no CT slices"))
             continue
@@ -79,12 +100,12 @@ def list_images(
         elif not lung_dir.is_dir():
             defects.append(Defect(f"{base}/lung", pid, "lung", "lung mask folder is missing"))
         else:
-            lung = _png_names(lung_dir, f"{base}/lung", pid, "lung", defects)
+            lung = _png_names(lung_dir, f"{base}/lung", pid, "lung", defects, top)
             defects.extend(_compare_names(ct, lung, f"{base}/lung", pid, "lung"))
         lesion_dir = images / pid / "lesion"
         if lesion_dir.is_dir():
             record.lesion_annotated = True
-            lesion = _png_names(lesion_dir, f"{base}/lesion", pid, "lesion", defects)
+            lesion = _png_names(lesion_dir, f"{base}/lesion", pid, "lesion", defects, top)
             defects.extend(_compare_names(ct, lesion, f"{base}/lesion", pid, "lesion"))
 
 
@@ -97,10 +118,12 @@ def open_slice(path: Path) -> Image.Image:
 
 def check_patient_images(
     root: str, pid: str, slice_files: list[str], annotated: bool, lung: bool = True
-) -> tuple[list[Defect], tuple[int, int] | None]:
-    """Decode every slice of one patient -> (defects, (H, W) of its slices or None)."""
+) -> tuple[list[Defect], tuple[int, int] | None, str]:
+    """Decode every slice of one patient -> (defects, (H, W) of its slices or None, a
+    digest of its CT pixels: two patients with the same one are one patient twice)."""
     defects: list[Defect] = []
     size: tuple[int, int] | None = None
+    digest = hashlib.sha256()
     folders = ("ct",) + (("lung",) if lung else ()) + (("lesion",) if annotated else ())
     base = Path(root) / IMAGES / pid
     for name in slice_files:
@@ -122,6 +145,7 @@ def check_patient_images(
                         Defect(rel, pid, kind, f"expected 8-bit grayscale, got mode {image.mode}")
                     )
                 ct_size = hw
+                digest.update(f"{hw}{image.mode}".encode() + image.tobytes())
                 if size is None:
                     size = hw
                 elif hw != size:
@@ -144,7 +168,7 @@ def check_patient_images(
                 defects.append(
                     Defect(rel, pid, kind, f"mask is not binary (values other than 0/255{hint})")
                 )
-    return defects, size
+    return defects, size, digest.hexdigest()
 
 
 def check_chunk(args: tuple[str, list[tuple[str, list[str], bool, bool]]]):

@@ -8,11 +8,25 @@ one round instead of one error at a time. Cell contents are never echoed into me
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 from mmdls_dist.data.defects import Defect, IngestReport, Mapper, serial_map
 from mmdls_dist.data.images import check_chunk, list_images
 from mmdls_dist.data.tables import clinical_rows, radiomics_rows
+
+
+def _same_images(stacks: dict[str, list[str]]) -> list[Defect]:
+    """Patients whose CT stacks are pixel for pixel the same (a copied or linked folder):
+    every one of them is refused, naming the others, so neither lands in two splits."""
+    out = []
+    for pids in stacks.values():
+        for pid in pids if len(pids) > 1 else ():
+            others = ", ".join(p for p in pids if p != pid)
+            out.append(
+                Defect(f"images/{pid}/ct", pid, "ct", f"the same CT images as patient {others}")
+            )
+    return out
 
 
 def read_cohort(
@@ -46,10 +60,13 @@ def read_cohort(
             if r.slice_files
         ]
         chunks = [(str(root), todo[i : i + chunk_size]) for i in range(0, len(todo), chunk_size)]
+        stacks: dict[str, list[str]] = defaultdict(list)
         for chunk, results in zip(chunks, mapper(check_chunk, chunks), strict=True):
-            for (pid, *_), (defects, size) in zip(chunk[1], results, strict=True):
+            for (pid, *_), (defects, size, digest) in zip(chunk[1], results, strict=True):
                 report.defects.extend(defects)
                 records[pid].image_size = size
+                stacks[digest].append(pid)
+        report.defects += _same_images(stacks)
     bad = {d.patient_id for d in report.defects if d.patient_id is not None}
     report.records = [r for pid, r in records.items() if pid not in bad]
     return report

@@ -304,6 +304,7 @@ def build_shards(
             "n_read": report.n_read,
             "n_kept": len(report.records),
             "n_rejected": len(report.rejected),
+            "defects": [str(d) for d in report.file_defects],
         },
         "rejected": {pid: [str(d) for d in ds] for pid, ds in sorted(report.rejected.items())},
         "splits": splits,

@@ -5,11 +5,12 @@ defect naming the line."""
 
 from __future__ import annotations
 
+import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from mmdls_dist.data.defects import Defect, IngestReport
 from mmdls_dist.data.schema import (
@@ -55,26 +56,79 @@ def parse_cell(text: str, column: Column) -> tuple[float | None, str | None]:
     return value, None
 
 
-def read_csv(path: Path, rel: str, defects: list[Defect]) -> pd.DataFrame | None:
-    # Everything as text, with pandas' NA guessing off: "NA" or "nan" in an export is a
-    # defect to report, not a missing value to accept silently. Only "" means missing.
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would
-    # otherwise become part of the first column's name.
+@dataclass
+class CsvTable:
+    columns: list[str]  # header names, stripped
+    rows: list[tuple[int, dict[str, str]]]  # (physical line where the record starts, cells)
+    broken: set[str]  # ids of rows refused for their field count (their defects are made)
+
+
+def read_csv(path: Path, rel: str, defects: list[Defect]) -> CsvTable | None:
+    """Read a table as text, cell by cell, with the csv module.
+
+    Everything stays text: "NA" or "nan" in an export is a defect to report later, not a
+    missing value to accept silently; only "" means missing. Line numbers are physical
+    lines (a quoted cell may span several), so a data manager finds the cell. A row with
+    fewer or more fields than the header is a defect naming its line and patient (its
+    first field), never padded with empty cells. utf-8-sig: spreadsheet exports often
+    start with a byte-order mark, which would otherwise join the first column's name.
+    """
+    rows: list[tuple[int, dict[str, str]]] = []
+    broken: set[str] = set()
     try:
-        table = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exn:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            reader = csv.reader(stream, strict=True)
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                defects.append(Defect(rel, None, "(csv)", "the file is empty (no header)"))
+                return None
+            if len(header) == 1 and ";" in header[0]:
+                defects.append(
+                    Defect(rel, None, "(csv)", "columns are separated by ';'; the contract is ','")
+                )
+                return None
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                defects.append(Defect(rel, None, "(csv)", f"columns named twice: {twice}"))
+                return None
+            start = reader.line_num + 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not fields:
+                    continue  # a blank line
+                if len(fields) != len(header):
+                    pid = fields[0].strip()
+                    who = pid if valid_patient_id(pid) else f"<line {line}>"
+                    kind = "fewer" if len(fields) < len(header) else "more"
+                    message = f"{len(fields)} fields, {kind} than the header's {len(header)}"
+                    defects.append(Defect(rel, who, "(row)", f"{message} (line {line})"))
+                    broken.add(who)
+                    continue
+                rows.append((line, dict(zip(header, fields, strict=True))))
+    except (csv.Error, UnicodeDecodeError) as exn:
         reason = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
         defects.append(Defect(rel, None, "(csv)", f"cannot be parsed as CSV: {reason}"))
         return None
-    if len(table.columns) == 1 and ";" in table.columns[0]:
-        defects.append(
-            Defect(rel, None, "(csv)", "columns are separated by ';'; the contract is ','")
-        )
-        return None
-    table.columns = [c.strip() for c in table.columns]
-    return table
+    return CsvTable(header, rows, broken)
+
+
+def _patient_id(text: str, line: int, spaced: list[int]) -> str:
+    """The id of a cell; surrounding spaces are dropped and the line recorded for a note
+    (an id is letters, digits, - and _, so the stripped id is the only reading)."""
+    pid = text.strip()
+    if pid != text:
+        spaced.append(line)
+    return pid
+
+
+def _spaced_note(rel: str, spaced: list[int]) -> list[str]:
+    if not spaced:
+        return []
+    lines = ", ".join(map(str, spaced[:10])) + (" ..." if len(spaced) > 10 else "")
+    return [
+        f"{rel}: patient_id has spaces around it on {len(spaced)} row(s) (lines {lines}); "
+        "read without them"
+    ]
 
 
 def clinical_rows(
@@ -91,8 +145,10 @@ def clinical_rows(
     if table is None:
         return {}
     optional = {c.name for c in LABEL_COLUMNS} if for_prediction else set()
-    for name in sorted(optional - set(table.columns)):
-        table[name] = ""  # absent label column = every label unknown
+    absent = sorted(optional - set(table.columns))  # an absent label column: all unknown
+    table.columns += absent
+    for _, cells in table.rows:
+        cells.update(dict.fromkeys(absent, ""))
     missing = [c for c in CLINICAL_CSV_COLUMNS if c not in table.columns]
     for name in missing:
         defects.append(Defect(CLINICAL_CSV, None, name, "required column is missing"))
@@ -104,11 +160,11 @@ def clinical_rows(
 
     records: dict[str, PatientRecord] = {}
     first_line: dict[str, int] = {}
-    report.n_read = len(table)
-    for i, row in enumerate(table.itertuples(index=False)):
-        line = i + 2
-        cells = dict(zip(table.columns, row, strict=True))
-        pid = cells["patient_id"].strip()
+    spaced: list[int] = []
+    report.n_read = len(table.rows) + len(table.broken)
+    report.clinical_ids |= table.broken
+    for line, cells in table.rows:
+        pid = _patient_id(cells["patient_id"], line, spaced)
         if not pid or not valid_patient_id(pid):
             # Without a usable id the row cannot be named, so the line number stands in.
             label = f"<line {line}>"
@@ -128,6 +184,7 @@ def clinical_rows(
             records.pop(pid, None)
             continue
         first_line[pid] = line
+        report.clinical_ids.add(pid)
         center = cells["center"].strip()
         if not center:
             defects.append(Defect(CLINICAL_CSV, pid, "center", f"empty (line {line})"))
@@ -156,6 +213,7 @@ def clinical_rows(
             slice_files=[],
             lesion_annotated=False,
         )
+    report.notes += _spaced_note(CLINICAL_CSV, spaced)
     return records
 
 
@@ -190,10 +248,9 @@ def radiomics_rows(
         )
         return []
     seen: dict[str, int] = {}
-    for i, row in enumerate(table.itertuples(index=False)):
-        line = i + 2
-        cells = dict(zip(table.columns, row, strict=True))
-        pid = cells["patient_id"].strip()
+    spaced: list[int] = []
+    for line, cells in table.rows:
+        pid = _patient_id(cells["patient_id"], line, spaced)
         if pid in seen:
             defects.append(
                 Defect(
@@ -205,6 +262,8 @@ def radiomics_rows(
             )
             continue
         seen[pid] = line
+        if pid not in records and pid in report.clinical_ids:
+            continue  # a patient already refused in clinical.csv (e.g. a duplicate id)
         if pid not in records:
             defects.append(
                 Defect(
@@ -231,4 +290,5 @@ def radiomics_rows(
                     Defect(RADIOMICS_CSV, pid, name, f"is not a finite number (line {line})")
                 )
         records[pid].radiomics = vector
+    report.notes += _spaced_note(RADIOMICS_CSV, spaced)
     return names

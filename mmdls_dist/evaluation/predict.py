@@ -42,7 +42,7 @@ def shard_for_prediction(
     """Validate a raw folder for prediction and shard its valid patients. -> (manifest, its
     "rejected" block listing who could not be read and why; patient -> slice file names)."""
     report = read_cohort(raw, mapper=mapper_factory("check images"), for_prediction=True)
-    file_level = [d for d in report.defects if d.patient_id is None]
+    file_level = report.file_defects
     if file_level:
         raise ValueError(f"{raw} cannot be read as a cohort:\n{report.summary(max_defects=50)}")
     if report.defects:

@@ -42,7 +42,7 @@ def bad_cohort(tmp_path):
     write_clinical(root, rows)
     for i, pid in enumerate(["OK1", "CODES", "TIMES", "EVENT", "TEXT", "DUP"]):
         good_patient(root, pid, seed=i)
-    good_patient(root, "OK2", seed=1, annotated=False)  # no lesion/ folder: unannotated
+    good_patient(root, "OK2", seed=21, annotated=False)  # no lesion/ folder: unannotated
 
     ct, lung, lesion = volume(10)
     names = write_images(root, "MISSLUNG", ct, lung, lesion)
@@ -247,3 +247,84 @@ def test_byte_order_mark_is_accepted_and_semicolons_are_named(tmp_path):
     report = read_cohort(root)
     assert report.defects[0].file == "clinical.csv"
     assert "separated by ';'" in report.defects[0].message
+
+
+def _lines(*rows: str) -> str:
+    return "\n".join([",".join(CLINICAL_CSV_COLUMNS), *rows]) + "\n"
+
+
+def _cells(pid: str, **overrides: str) -> str:
+    return ",".join(row(pid, **overrides).get(c, "") for c in CLINICAL_CSV_COLUMNS)
+
+
+def test_short_and_long_rows_are_defects_naming_line_and_patient(tmp_path):
+    """A row with fewer fields than the header is not a patient with every value missing;
+    line numbers are physical lines, even after a quoted cell spanning two."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    header = ",".join(CLINICAL_CSV_COLUMNS) + ",comment"
+    text = "\n".join(
+        [
+            header,
+            _cells("P1") + ',"two\nlines"',  # lines 2-3
+            "P2,C1",  # line 4: short
+            _cells("P3") + ",ok,extra",  # line 5: long
+            _cells("P4", age="sixty") + ",",  # line 6
+        ]
+    )
+    (root / "clinical.csv").write_text(text + "\n")
+    for i, pid in enumerate(("P1", "P2", "P3", "P4")):
+        good_patient(root, pid, seed=i)
+    report = read_cohort(root)
+    assert [r.patient_id for r in report.records] == ["P1"]
+    short = _find(report, "P2", "(row)")[0]
+    assert short.file == "clinical.csv" and "2 fields, fewer than the header's" in short.message
+    assert "(line 4)" in short.message
+    assert "(line 5)" in _find(report, "P3", "(row)")[0].message
+    assert "(line 6)" in _find(report, "P4", "age")[0].message
+    assert report.n_read == 4
+    # A refused row's patient still has a clinical row: no "no clinical.csv row" defects.
+    assert not [d for d in report.defects if "no clinical.csv row" in d.message]
+
+
+def test_spaces_around_an_id_are_noted_not_silent(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "clinical.csv").write_text(_lines(_cells(" P1 "), _cells("P2")))
+    good_patient(root, "P1", seed=0)
+    good_patient(root, "P2", seed=1)
+    report = read_cohort(root)
+    assert report.ok and [r.patient_id for r in report.records] == ["P1", "P2"]
+    assert any("spaces around it on 1 row(s) (lines 2)" in n for n in report.notes)
+
+
+def test_a_duplicate_id_gets_one_message_not_misleading_ones(tmp_path):
+    root = tmp_path / "raw"
+    write_clinical(root, [row("DUP"), row("DUP"), row("OK")])
+    good_patient(root, "DUP", seed=0)
+    good_patient(root, "OK", seed=1)
+    write_radiomics(root, {"DUP": ["0.5"] * N_RADIOMICS, "OK": ["0.5"] * N_RADIOMICS})
+    report = read_cohort(root)
+    assert [r.patient_id for r in report.records] == ["OK"]
+    assert [(d.patient_id, d.field) for d in report.defects] == [("DUP", "patient_id")]
+    assert "lines 2 and 3" in report.defects[0].message
+
+
+def test_links_out_of_data_root_and_copied_patients_are_defects(tmp_path):
+    root = tmp_path / "raw"
+    elsewhere = tmp_path / "elsewhere"
+    write_clinical(root, [row(p) for p in ("A", "B", "OUT", "SLICE", "C")])
+    for i, pid in enumerate(("A", "OUT", "SLICE", "C")):
+        good_patient(root if pid != "OUT" else elsewhere, pid, seed=i)
+    (root / "images" / "OUT").symlink_to(elsewhere / "images" / "OUT")  # a folder outside
+    outside = elsewhere / "stray.png"
+    (root / "images/SLICE/ct/s01.png").rename(outside)
+    (root / "images/SLICE/ct/s01.png").symlink_to(outside)  # one slice outside
+    (root / "images" / "B").symlink_to(root / "images" / "A")  # A's images as patient B
+    report = read_cohort(root)
+    assert [r.patient_id for r in report.records] == ["C"]
+    assert "outside DATA_ROOT" in _find(report, "OUT", "patient_id")[0].message
+    d = _find(report, "SLICE", "ct")[0]
+    assert d.file == "images/SLICE/ct/s01.png" and "outside DATA_ROOT" in d.message
+    assert "the same CT images as patient B" in _find(report, "A", "ct")[0].message
+    assert "the same CT images as patient A" in _find(report, "B", "ct")[0].message

@@ -13,7 +13,7 @@ from PIL import Image
 from mmdls_dist.config import DataConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.loader import make_loader
-from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
+from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES
 from mmdls_dist.data.shards import (
     ShardError,
     build_shards,
@@ -134,7 +134,7 @@ def test_manifest_records_splits_centers_and_train_only_stats(synth_report, shar
     assert recorded == pytest.approx(_flat(normalization_stats(train)), rel=1e-12)
     assert recorded != pytest.approx(_flat(normalization_stats(synth_report.records)), rel=1e-3)
     assert manifest["prep"]["external_centers"] == ["HOSP-C"]
-    assert manifest["source"] == {"n_read": 40, "n_kept": 40, "n_rejected": 0}
+    assert manifest["source"] == {"n_read": 40, "n_kept": 40, "n_rejected": 0, "defects": []}
 
 
 def _flat(stats: dict) -> list[float]:
@@ -215,7 +215,7 @@ def test_defects_block_sharding_unless_allowed(tmp_path):
         tmp_path / "s2",
         PrepConfig(image_size=16, val_fraction=0.0, test_fraction=0.0, allow_rejects=True),
     )
-    assert manifest["source"] == {"n_read": 3, "n_kept": 2, "n_rejected": 1}
+    assert manifest["source"] == {"n_read": 3, "n_kept": 2, "n_rejected": 1, "defects": []}
     assert "histology" in manifest["rejected"]["BAD"][0]
     assert manifest["splits"]["train"]["n_patients"] == 2
 
@@ -223,3 +223,27 @@ def test_defects_block_sharding_unless_allowed(tmp_path):
 def test_existing_shards_are_not_overwritten(synth_report, shard_dir):
     with pytest.raises(FileExistsError, match="already holds shards"):
         build_shards(synth_report, shard_dir, PrepConfig(image_size=32))
+
+
+@pytest.mark.parametrize("damage", ["column", "encoding"])
+def test_file_level_defects_are_recorded_under_allow_rejects(tmp_path, damage):
+    """A radiomics.csv that cannot be used rejects nobody, so it must not vanish: the
+    manifest's source.defects and the import summary name it and what it costs."""
+    root = tmp_path / "raw"
+    write_clinical(root, [row("G1"), row("G2")])
+    for i, pid in enumerate(["G1", "G2"]):
+        good_patient(root, pid, seed=i)
+    names = ",".join(f"f{j}" for j in range(N_RADIOMICS - (damage == "column")))
+    body = f"patient_id,{names}\nG1," + ",".join(["0.5"] * (N_RADIOMICS - 1)) + "\n"
+    data = body.encode() + (b"G2,\xe9\xff\n" if damage == "encoding" else b"")
+    (root / "radiomics.csv").write_bytes(data)
+    report = read_cohort(root)
+    assert "FILE DEFECT: radiomics.csv" in report.summary()
+    assert "radiomics are missing for every patient" in report.summary()
+    manifest = build_shards(
+        report, tmp_path / "s", PrepConfig(image_size=16, val_fraction=0, allow_rejects=True)
+    )
+    assert manifest["rejected"] == {} and manifest["source"]["n_kept"] == 2
+    (defect,) = manifest["source"]["defects"]
+    assert defect.startswith("radiomics.csv: (file):")
+    assert defect.endswith("so radiomics are missing for every patient")
