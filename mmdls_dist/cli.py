@@ -118,7 +118,8 @@ def cmd_shard(args: argparse.Namespace, cfg: Config) -> int:
 )
 def cmd_verify(args: argparse.Namespace, cfg: None) -> int:
     """Check every shard's size and sha256 against manifest.json. Exit 1 on a mismatch."""
-    from mmdls_dist.data.shards import load_manifest, verify_shards
+    from mmdls_dist.data.shards import load_manifest
+    from mmdls_dist.data.verify import verify_shards
 
     manifest = load_manifest(args.shards)
     splits = args.splits.split(",") if args.splits else None

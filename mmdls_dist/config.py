@@ -307,12 +307,15 @@ class EvalConfig:
 class ChaosConfig:
     """Fault injection for tests and failure drills: off unless fail_at_step >= 0."""
 
-    fail_at_step: int = -1  # global optimizer step at which to fail once; -1 = never
+    fail_at_step: int = -1  # global optimizer step of the failure; -1 = never
     fail_rank: int = 0  # which rank fails
     fail_mode: str = "raise"  # "raise" an exception or "sigkill" the worker process
+    fail_point: str = "step"  # "step": right after that step; "validation": in the next
+    # validation; "after_report": right after the next report (and its checkpoint)
 
     def __post_init__(self) -> None:
         choice("chaos.fail_mode", self.fail_mode, ("raise", "sigkill"))
+        choice("chaos.fail_point", self.fail_point, ("step", "validation", "after_report"))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
@@ -16,18 +17,41 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a cluster (RAY_ADDRESS / `address`, as under `ray job submit`) or start a local Ray."""
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
+) -> None:
+    """Join a cluster (RAY_ADDRESS / `address`, as under `ray job submit`) or start a local
+    Ray of this command's own.
+
+    A local Ray is pinned to its own API server address for everything it starts. Two
+    commands on one machine (a sweep, and an evaluation in another terminal) run two local
+    Rays, and Ray's state API, which Ray Train's placement-group cleaner polls from inside
+    the cluster, otherwise finds "the" cluster by scanning for running ones: with two it
+    fails ("Found multiple active Ray instances"), the cleaner dies, a stopped trial's
+    placement group is never released and the next trial waits forever. The dashboard
+    (which serves the state API) listens on 127.0.0.1 only."""
     import ray
 
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # The dashboard process serves the state API that Ray Train's placement-group
-        # cleanup polls; it listens on 127.0.0.1 only.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        return
+    port = _free_port()
+    # Set before ray.init: its raylet, and so every worker and actor, inherits it.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(
+        num_cpus=num_cpus,
+        log_to_driver=log_to_driver,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def serial_mapper(desc: str = "") -> Callable[[Callable, Sequence], list]:

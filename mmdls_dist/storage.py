@@ -66,6 +66,38 @@ def size(url: str) -> int | None:
         return None
 
 
+def fingerprint(url: str) -> str | None:
+    """What changes when a file's content does: size and mtime locally, size and the
+    object store's ETag (or modification time) remotely; None if neither is known."""
+    local = local_path(url)
+    if local is not None:
+        info = local.stat()
+        return f"{info.st_size}:{info.st_mtime_ns}"
+    fs, path = _fs(url)
+    info = fs.info(path)
+    mark = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return None if mark is None else f"{info.get('size')}:{mark}"
+
+
+def list_names(root: str, dirs: bool = False) -> list[str]:
+    """Names directly inside a folder or prefix: its files, or with dirs its folders
+    ([] if it does not exist)."""
+    fs, path = _fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    kind = "directory" if dirs else "file"
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == kind)
+
+
+def remove(url: str) -> None:
+    """Delete a file or a whole folder (nothing if it is not there)."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def open_file(url: str, mode: str = "rb") -> IO:
     """A seekable file object; the caller closes it. Local paths with plain buffered IO."""
     local = local_path(url)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 from helpers import TINY, TINY_PREP
 
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.shards import build_shards
 from mmdls_dist.data.synth import generate
+
+# The cache of verified shard files (data/verify.py) lives in a folder of this test run,
+# not in ~/.cache; set before any Ray worker starts, so the workers share it.
+os.environ["MMDLS_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmdls-test-cache-")
 
 
 @pytest.fixture(scope="session")

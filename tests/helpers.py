@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +141,25 @@ def train_config(shards: Path, storage: Path, name: str, *more: str):
             *more,
         ],
     )
+
+
+def crafted_shards(shard_dir, tmp_path, pid: str):
+    """A copy of the shards whose first train sample's meta.json names `pid`, with the
+    manifest's size and sha256 updated to match: a crafted shard, not a damaged one."""
+    copy = tmp_path / "crafted"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["split"] == "train")
+    path = copy / entry["name"]
+    with tarfile.open(path) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(path, "w") as dst:
+        for member, data in members:
+            if member.name == f"{entry['keys'][0]}.meta.json":
+                data = json.dumps(dict(json.loads(data), patient_id=pid)).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    entry["bytes"] = path.stat().st_size
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, manifest, entry

@@ -4,7 +4,6 @@ differs from the stored one. Pixels stay uint8 and masks bit-packed (see schema.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -139,9 +138,9 @@ def labels(metas: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def collate(samples: list[dict], norm: dict, max_slices: int, image_size: int) -> Batch:
-    """Raw WebDataset samples -> Batch. Pixels are copied once, straight into the batch;
-    masks stay bit-packed (see Batch)."""
-    metas = [json.loads(s["meta.json"]) for s in samples]
+    """WebDataset samples (with their checked, parsed "meta": loader.read_segments) ->
+    Batch. Pixels are copied once, straight into the batch; masks stay bit-packed."""
+    metas = [s["meta"] for s in samples]
     stored = metas[0]["image_size"]
     b = len(samples)
     packed_len = -(-stored * stored // 8)

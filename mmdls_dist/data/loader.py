@@ -8,6 +8,7 @@ WebDataset groups tar members into samples and runs the shuffle buffer.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import tarfile
@@ -22,8 +23,9 @@ from mmdls_dist import storage
 from mmdls_dist.config import DataConfig
 from mmdls_dist.data.collate import collate
 from mmdls_dist.data.plan import Segment, eval_segments, train_segments, train_steps
-from mmdls_dist.data.schema import Batch
-from mmdls_dist.data.shards import ShardError, load_manifest, verify_shard
+from mmdls_dist.data.schema import Batch, valid_patient_id
+from mmdls_dist.data.shards import ShardError, load_manifest
+from mmdls_dist.data.verify import ensure_verified
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,21 @@ def tar_members(stream, start: int = 0) -> Iterator[dict]:
             yield {"fname": member.name, "data": archive.extractfile(member).read()}
 
 
+def _checked(sample: dict, url: str, index: int, expected: str) -> dict:
+    """The sample with its parsed meta.json, if it is the patient the manifest says: its
+    tar key and its meta.json's patient_id both (a shard's own metadata is not trusted)."""
+    key = sample["__key__"]
+    if key != expected:
+        raise ShardError(
+            f"{url}: sample {index} is {key!r}, manifest says {expected!r} "
+            "(shard rewritten after sharding?)"
+        )
+    meta = json.loads(sample["meta.json"])
+    if meta.get("patient_id") != key or not valid_patient_id(key):
+        raise ShardError(f"{url}: sample {index} ({key!r}) names another patient in meta.json")
+    return {**sample, "meta": meta}
+
+
 def read_segments(root: str, entries: Sequence[dict], segments: Sequence[Segment]) -> Iterator:
     """Raw samples of the segments, in order; any shard fault is a ShardError naming it."""
     for seg in segments:
@@ -65,12 +82,7 @@ def read_segments(root: str, entries: Sequence[dict], segments: Sequence[Segment
                     if i >= seg.stop:
                         break
                     seen = i + 1
-                    if sample["__key__"] != entry["keys"][i]:
-                        raise ShardError(
-                            f"{url}: sample {i} is {sample['__key__']!r}, manifest says "
-                            f"{entry['keys'][i]!r} (shard rewritten after sharding?)"
-                        )
-                    yield sample
+                    yield _checked(sample, url, i, entry["keys"][i])
         except ShardError:
             raise
         except FileNotFoundError as exn:
@@ -81,27 +93,6 @@ def read_segments(root: str, entries: Sequence[dict], segments: Sequence[Segment
             raise ShardError(
                 f"{url}: shard is truncated: {seen} samples, manifest says {entry['n_patients']}"
             )
-
-
-_HASHED: set[tuple[str, str]] = set()
-
-
-def ensure_verified(root: str, entries: Sequence[dict], check_hash: bool) -> None:
-    """Check shards against the manifest; raise naming every bad shard.
-
-    Sizes are checked every time (cheap); the sha256 once per process and shard, since a
-    training run builds loaders again (resume, Tune trials) over the same unchanged files.
-    """
-    problems = []
-    for entry in entries:
-        key = (storage.join(root, entry["name"]), entry["sha256"])
-        problem = verify_shard(root, entry, check_hash=check_hash and key not in _HASHED)
-        if problem:
-            problems.append(problem)
-        elif check_hash:
-            _HASHED.add(key)
-    if problems:
-        raise ShardError("shards do not match manifest.json:\n  " + "\n  ".join(problems))
 
 
 class PatientStream(torch.utils.data.IterableDataset):
@@ -135,7 +126,7 @@ class PatientStream(torch.utils.data.IterableDataset):
         self.steps = cfg.steps_per_epoch or train_steps(self.n_patients, world_size, cfg.batch_size)
         self.image_size = cfg.image_size or self.manifest["image_size"]
         self.epoch = 0
-        ensure_verified(cfg.shards, self.entries, check_hash=cfg.verify == "full")
+        ensure_verified(cfg.shards, self.manifest, [split], check_hash=cfg.verify == "full")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

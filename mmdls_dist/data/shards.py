@@ -340,30 +340,3 @@ def load_manifest(root: str) -> dict:
 def manifest_hash(manifest: dict) -> str:
     """Identity of a data set: sha256 of the canonical manifest (checkpoints record it)."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def verify_shard(root: str, entry: dict, check_hash: bool = True) -> str | None:
-    """None if the shard matches the manifest, else a message naming the shard and the fault."""
-    url = storage.join(root, entry["name"])
-    size = storage.size(url)
-    if size is None:
-        return f"{url}: shard is missing"
-    if size != entry["bytes"]:
-        kind = "truncated" if size < entry["bytes"] else "longer than recorded"
-        return f"{url}: shard is {kind} ({size} bytes, manifest says {entry['bytes']})"
-    if check_hash and sha256_file(url) != entry["sha256"]:
-        return f"{url}: shard is corrupted (sha256 differs from the manifest)"
-    return None
-
-
-def verify_shards(
-    root: str, manifest: dict, splits: Sequence[str] | None = None, check_hash: bool = True
-) -> list[str]:
-    """Check every shard (of `splits`, or all) against the manifest; returns all problems."""
-    problems = []
-    for entry in manifest["shards"]:
-        if splits is None or entry["split"] in splits:
-            problem = verify_shard(root, entry, check_hash)
-            if problem:
-                problems.append(problem)
-    return problems

@@ -25,8 +25,8 @@ from mmdls_dist import storage
 from mmdls_dist.config import Config, EvalConfig, from_dict
 from mmdls_dist.data.collate import select_slices
 from mmdls_dist.data.loader import make_loader
-from mmdls_dist.data.schema import STAGES
-from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.data.schema import STAGES, valid_patient_id
+from mmdls_dist.data.shards import ShardError, load_manifest
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
@@ -35,16 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder (holds state.pt) or a run folder (holds best.json) -> checkpoint."""
-    if storage.exists(storage.join(path, checkpoint.STATE)):
-        return path
-    best = storage.join(path, checkpoint.BEST)
-    if storage.exists(best):
-        return storage.read_json(best)["checkpoint"]
-    raise FileNotFoundError(
-        f"{path}: neither a checkpoint (no {checkpoint.STATE}) nor a run folder "
-        f"(no {checkpoint.BEST})"
-    )
+    """A checkpoint folder (holds state.pt) or a run folder (holds best.json) -> checkpoint,
+    loaded once here on the driver, so a refused or unreadable one is one clear error
+    before any inference task starts."""
+    url = path
+    if not storage.exists(storage.join(path, checkpoint.STATE)):
+        best = storage.join(path, checkpoint.BEST)
+        if not storage.exists(best):
+            raise FileNotFoundError(
+                f"{path}: neither a checkpoint (no {checkpoint.STATE}) nor a run folder "
+                f"(no {checkpoint.BEST})"
+            )
+        url = storage.join(path, storage.read_json(best)["checkpoint"])
+    with storage.local_copy(url) as local:
+        checkpoint.load(local)
+    return url
 
 
 @dataclasses.dataclass
@@ -134,12 +139,15 @@ def infer_part(part: Part) -> list[dict]:
 
 def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> None:
     """Predicted lung / lesion masks as 0/255 PNGs, one per model slice, named after the
-    original CT slice where known (the model sees an even subsample of the stack)."""
+    original CT slice where known (the model sees an even subsample of the stack). Paths are
+    built only from validated ids and file names, so nothing lands outside `root`."""
     lung = (out.lung_logits > 0).cpu().numpy()
     lesion = (out.lesion_logits > 0).cpu().numpy()
     n_real = batch.slice_mask.sum(1).cpu().tolist()
     for i, pid in enumerate(batch.patient_id):
         names = slice_names.get(pid)
+        if not valid_patient_id(pid) or any(Path(n).name != n for n in names or ()):
+            raise ShardError(f"refusing to write masks for patient id {pid!r}: not a plain name")
         n_slices = len(names) if names else int(n_real[i])
         chosen = select_slices(n_slices, max_slices) if names else np.arange(int(n_real[i]))
         for kind, masks in (("lung", lung), ("lesion", lesion)):

@@ -45,3 +45,13 @@ def gather_with_grad(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         pieces[rank] = t
         out.append(torch.cat(pieces))
     return out, world
+
+
+def all_gather_object(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] alone."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out

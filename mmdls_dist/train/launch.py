@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from mmdls_dist import storage
 from mmdls_dist.config import Config, to_dict
-from mmdls_dist.data.shards import load_manifest, manifest_hash
+from mmdls_dist.data.shards import ShardError, load_manifest, manifest_hash
+from mmdls_dist.data.verify import check_dataset
 from mmdls_dist.train import checkpoint
 from mmdls_dist.train.loop import train_loop_per_worker
 
@@ -59,18 +60,57 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     )
 
 
+def check_data(cfg: Config) -> dict:
+    """On the driver, before any worker starts: the manifest's consistency and every
+    shard's size, sha256 and sample ids (data/verify.py; cached for unchanged files). A
+    data error is one ShardError here, not a worker failure that Ray would retry."""
+    manifest = load_manifest(cfg.data.shards)
+    check_dataset(cfg.data.shards, manifest, check_hash=cfg.data.verify == "full")
+    return manifest
+
+
+ERRORS = {  # what fatal.json's "kind" raises again on the driver
+    "ShardError": ShardError,
+    "IncompatibleCheckpointError": checkpoint.IncompatibleCheckpointError,
+    "RefusedCheckpointError": checkpoint.RefusedCheckpointError,
+}
+
+
 def fit(cfg: Config):
-    """Train (or resume) the run; writes best.json beside the checkpoints. -> ray Result."""
+    """Train (or resume) the run; writes best.json beside the checkpoints. -> ray Result.
+    A data or config error a worker met is raised here, as the error it was."""
+    check_data(cfg)
     guard_run_identity(cfg)
+    run = run_url(cfg)
+    fatal = storage.join(run, checkpoint.FATAL)
+    storage.remove(fatal)  # an earlier attempt's: the data may have been mended since
     result = build_trainer(cfg).fit()
+    if storage.exists(fatal):
+        error = storage.read_json(fatal)
+        raise ERRORS.get(error["kind"], RuntimeError)(error["error"])
+    _remove_orphans(cfg, result)
     best = result.get_best_checkpoint(metric="score", mode=cfg.run.mode)
     if best is not None:
         metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        name = best.path.rstrip("/").rsplit("/", 1)[-1]
         storage.write_json(
-            storage.join(run_url(cfg), checkpoint.BEST),
-            {"checkpoint": best.path, "metric": cfg.run.metric, "metrics": metrics},
+            storage.join(run, checkpoint.BEST),
+            {"checkpoint": name, "metric": cfg.run.metric, "metrics": metrics},
         )
     return result
+
+
+def _remove_orphans(cfg: Config, result) -> None:
+    """Checkpoint folders Ray does not keep: incomplete ones (a copy cut short), and, when
+    run.checkpoints_to_keep bounds the run, complete ones it never registered (written
+    right before a worker died); Ray's own retention never sees those."""
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints}
+    for url in checkpoint.checkpoints(run_url(cfg)):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name in kept:
+            continue
+        if cfg.run.checkpoints_to_keep > 0 or not checkpoint.is_complete(url):
+            storage.remove(url)
 
 
 SUMMARY_METRICS = ("auc_histology", "auc_stage", "cindex_dfs", "cindex_os", "dice_lung",

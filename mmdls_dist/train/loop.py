@@ -22,14 +22,14 @@ import torch.distributed as dist
 from torch import nn
 
 from mmdls_dist import storage
-from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
+from mmdls_dist.config import ChaosConfig, Config, OptimConfig, from_dict, to_dict
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
-from mmdls_dist.data.shards import load_manifest, manifest_hash
+from mmdls_dist.data.shards import ShardError, load_manifest, manifest_hash
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
-from mmdls_dist.train.distributed import gather_with_grad, rank_and_world
+from mmdls_dist.train.distributed import all_gather_object, gather_with_grad, rank_and_world
 from mmdls_dist.train.losses import TaskWeighting, compute_losses
 from mmdls_dist.train.validation import summarize
 
@@ -91,18 +91,32 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _maybe_fail(cfg: Config, rank: int, step: int, marker: Path | None) -> None:
-    """Chaos hook: fail once at the configured step (the marker file makes it once)."""
-    chaos = cfg.chaos
-    if chaos.fail_at_step != step or rank != chaos.fail_rank or marker is None:
-        return
-    if marker.exists():
-        return
-    marker.write_text(f"failed at step {step}\n")
-    log.warning("chaos: failing rank %d at step %d (%s)", rank, step, chaos.fail_mode)
-    if chaos.fail_mode == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"chaos: injected failure at step {step}")
+class Chaos:
+    """Fault injection (config.chaos) for tests and failure drills: rank chaos.fail_rank
+    fails once, at chaos.fail_point ("step": right after optimizer step fail_at_step;
+    "validation": during the first validation after that step; "after_report": right
+    after the first report (and checkpoint) after that step). A marker file in the run
+    folder makes it once, across restarts."""
+
+    def __init__(self, cfg: ChaosConfig, rank: int, run: str):
+        self.cfg, self.rank = cfg, rank
+        self.marker = storage.join(run, ".chaos_fired")
+        self.armed = cfg.fail_at_step >= 0 and rank == cfg.fail_rank
+
+    def __call__(self, point: str, step: int) -> None:
+        cfg = self.cfg
+        if not self.armed or point != cfg.fail_point:
+            return
+        due = step == cfg.fail_at_step if point == "step" else step >= cfg.fail_at_step
+        if not due or storage.exists(self.marker):
+            return
+        storage.write_text(self.marker, f"{point} at step {step}\n")
+        self.armed = False
+        log.warning("chaos: failing rank %d at %s, step %d (%s)", self.rank, point, step,
+                    cfg.fail_mode)  # fmt: skip
+        if cfg.fail_mode == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"chaos: injected failure at {point}, step {step}")
 
 
 class Trainer:
@@ -143,8 +157,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def restore(self, directory: str) -> None:
-        state, identity = checkpoint.load(directory)
+    def restore(self, url: str) -> None:
+        with storage.local_copy(url) as directory:
+            state, identity = checkpoint.load(directory)
         checkpoint.check_compatible(identity, self.identity, f"run {self.cfg.run.name!r}")
         self.core.model.load_state_dict(state["model"])
         self.core.weighting.load_state_dict(state["weighting"])
@@ -153,9 +168,11 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = checkpoint.Progress(**state["progress"])
-        checkpoint.set_rng_state(state["rng"])
+        # Each rank continues its own random stream (dropout differs per rank), so a
+        # resumed run draws what an uninterrupted one would have.
+        checkpoint.set_rng_state(state["rng"][self.rank % len(state["rng"])])
 
-    def save(self, directory: str, metrics: dict) -> None:
+    def save(self, directory: str, metrics: dict, rng: list[dict]) -> None:
         checkpoint.save(
             directory,
             modules={
@@ -168,6 +185,7 @@ class Trainer:
             progress=self.progress,
             identity=self.identity,
             metrics=metrics,
+            rng=rng,
         )
 
     def step(self, batch: Batch, gt_weight: float, last_micro: bool) -> dict[str, torch.Tensor]:
@@ -198,7 +216,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.global_step += 1
 
-    def train_epoch(self, epoch: int, chaos_marker: Path | None) -> dict[str, float]:
+    def train_epoch(self, epoch: int, chaos: Chaos | None = None) -> dict[str, float]:
         self.module.train()
         self.train_loader.dataset.set_epoch(epoch)
         gt_weight = gt_mask_weight(epoch, self.cfg.optim)
@@ -214,8 +232,8 @@ class Trainer:
                 sums[key] += value
             n_batches += 1
             n_patients += len(batch)
-            if last:
-                _maybe_fail(self.cfg, self.rank, self.progress.global_step, chaos_marker)
+            if last and chaos is not None:
+                chaos("step", self.progress.global_step)
             tick = time.perf_counter()
         seconds = time.perf_counter() - t0
         keys = sorted(sums)
@@ -288,32 +306,63 @@ def setup_worker_logging(rank: int) -> None:
         logger.propagate = False
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function: config dict -> training with per-epoch reports."""
-    import ray.train
-    import ray.train.torch
+# Errors a retry cannot mend: the same data and the same config fail the same way again.
+NOT_RETRIED = (
+    ShardError,
+    checkpoint.IncompatibleCheckpointError,
+    checkpoint.RefusedCheckpointError,
+)
 
-    from mmdls_dist.train.tensorboard import EpochLogger
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function: config dict -> training with per-epoch reports.
+
+    A data or config error is written to the run folder's fatal.json before it is raised;
+    Ray restarts the worker group on any failure, and the restarted workers find the file
+    and stop at once, so only worker and node faults are really retried (launch.fit
+    raises the recorded error)."""
+    import ray.train
 
     cfg = from_dict(Config, config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     setup_worker_logging(rank)
+    run = storage.join(cfg.run.storage_path, cfg.run.name)
+    fatal = storage.join(run, checkpoint.FATAL)
+    if storage.exists(fatal):
+        log.error("not retried: %s", storage.read_json(fatal)["error"])
+        return
+    try:
+        _train(cfg, rank, world, run)
+    except NOT_RETRIED as exn:
+        storage.write_json(fatal, {"kind": type(exn).__name__, "error": str(exn)})
+        raise
+
+
+def _train(cfg: Config, rank: int, world: int, run: str) -> None:
+    import ray.train.torch
+
+    from mmdls_dist.train.tensorboard import EpochLogger
+
     device = ray.train.torch.get_device()
+    if rank == 0:
+        _record_placement_group(run)
     trainer = Trainer(cfg, device, rank, world, ray.train.torch.prepare_model)
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            trainer.restore(directory)
-        log.info(
-            "resumed at epoch %d (step %d)", trainer.progress.epoch, trainer.progress.global_step
-        )
-    run_dir = local_run_dir(cfg)
-    marker = run_dir / ".chaos_fired" if run_dir is not None else None
-    board = EpochLogger(cfg, run_dir) if rank == 0 else None
+    # The newest complete checkpoint on storage, not only the one Ray registered: a worker
+    # killed right after a report leaves a checkpoint Ray may never have registered.
+    start = checkpoint.newest_complete(run)
+    if start is not None:
+        trainer.restore(start)
+        log.info("resumed at epoch %d (step %d) from %s", trainer.progress.epoch,
+                 trainer.progress.global_step, start)  # fmt: skip
+    chaos = Chaos(cfg.chaos, rank, run)
+    board = EpochLogger(cfg, local_run_dir(cfg)) if rank == 0 else None
     while trainer.progress.epoch < cfg.optim.epochs:
         epoch = trainer.progress.epoch
-        metrics = trainer.train_epoch(epoch, marker)
+        if rank == 0:
+            checkpoint.log_execution(run, epoch, trainer.progress.global_step)
+        metrics = trainer.train_epoch(epoch, chaos)
+        chaos("validation", trainer.progress.global_step)
         val, _, first_batch, first_out = trainer.evaluate()
         metrics.update(val)
         stop = _update_progress(trainer, metrics, cfg)
@@ -328,11 +377,23 @@ def train_loop_per_worker(config: dict) -> None:
         if board is not None:
             board.log(metrics, trainer.progress.global_step, first_batch, first_out)
         _report(trainer, metrics, rank)
+        chaos("after_report", trainer.progress.global_step)
         log.info("epoch %d: %s", epoch, _brief(metrics))
         if stop:
             break
     if board is not None:
         board.close()
+
+
+def _record_placement_group(run: str) -> None:
+    """The worker group's placement group id, in the run folder: a sweep releases it
+    itself when the trial ends (tune.ReleasePlacementGroups), whatever became of Ray
+    Train's own cleaner."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is not None:
+        storage.write_json(storage.join(run, checkpoint.PLACEMENT_GROUP), {"id": group.id.hex()})
 
 
 def _update_progress(trainer: Trainer, metrics: dict, cfg: Config) -> bool:
@@ -352,10 +413,11 @@ def _update_progress(trainer: Trainer, metrics: dict, cfg: Config) -> bool:
 def _report(trainer: Trainer, metrics: dict, rank: int) -> None:
     import ray.train
 
+    rng = all_gather_object(checkpoint.rng_state())  # every rank's, for an exact resume
     with tempfile.TemporaryDirectory() as directory:
         ckpt = None
         if rank == 0:
-            trainer.save(directory, metrics)
+            trainer.save(directory, metrics, rng)
             ckpt = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=ckpt)
 

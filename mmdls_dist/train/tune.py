@@ -27,6 +27,8 @@ import yaml
 
 from mmdls_dist import storage
 from mmdls_dist.config import PRESETS_DIR, Config, dump_yaml, from_dict, to_dict, with_values
+from mmdls_dist.train import checkpoint
+from mmdls_dist.train.launch import build_trainer, check_data, guard_run_identity
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +159,48 @@ def trial_config(
     return dataclasses.replace(cfg, run=run)
 
 
+def release_placement_groups(train_runs: str):
+    """A Tune callback that removes a finished trial's worker-group placement group
+    (recorded by the worker: loop._record_placement_group), for a trial stopped by ASHA
+    or failed as much as for one that ended. Ray Train's own detached cleaner does this
+    too; when it is gone (it dies if its state API calls fail), a leaked group would hold
+    its CPUs and the next trial would wait for them forever."""
+    from ray import tune
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    class ReleasePlacementGroups(tune.Callback):
+        def _release(self, trial) -> None:
+            url = storage.join(train_runs, str(trial), checkpoint.PLACEMENT_GROUP)
+            if not storage.exists(url):
+                return
+            group = PlacementGroup(PlacementGroupID.from_hex(storage.read_json(url)["id"]))
+            try:
+                if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                    remove_placement_group(group)
+                    log.info("released the placement group of trial %s", trial)
+            except Exception as exn:  # never let cleanup break the sweep
+                log.warning("could not release trial %s's placement group: %s", trial, exn)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+    return ReleasePlacementGroups()
+
+
 def make_trainable(base: dict, sweep_name: str, driver_cpus: float):
     """The Tune function trainable: build this trial's TorchTrainer and fit it."""
 
     def train_trial(sample: dict) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from mmdls_dist.train.launch import build_trainer, guard_run_identity
 
         trial = ray.tune.get_context().get_trial_name()
         cfg = trial_config(base, sample, sweep_name, trial, driver_cpus)
@@ -221,6 +257,7 @@ def build_tuner(base: Config, sweep: Sweep, name: str, *, resources: dict[str, f
             name=name,
             storage_path=base.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
+            callbacks=[release_placement_groups(storage.join(path, "train-runs"))],
         ),
     )
 
@@ -307,6 +344,7 @@ def run_sweep(base: Config, sweep: Sweep, name: str) -> dict:
     """Run (or resume) the sweep; write results.csv and best.yaml beside it. -> summary."""
     import ray
 
+    check_data(base)  # once, on the driver: a bad data set fails here, not in every trial
     tuner = build_tuner(base, sweep, name, resources=ray.cluster_resources())
     grid = tuner.fit()
     table = results_table(grid, sweep)

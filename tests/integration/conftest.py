@@ -7,7 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """Started as the commands start theirs (parallel.init_ray: a local Ray pinned to its
+    own API server address)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, log_to_driver=False)
+    from mmdls_dist.parallel import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -78,7 +78,7 @@ def test_training_validation_metrics_equal_the_reports(trained_run, evaluation):
     validation split is what the report computes for that checkpoint and split."""
     _, metrics = evaluation
     best = json.loads((trained_run / "best.json").read_text())
-    reported = json.loads((Path(best["checkpoint"]) / "metrics.json").read_text())
+    reported = json.loads((trained_run / best["checkpoint"] / "metrics.json").read_text())
     report = metrics["models"]["best"]["splits"]["val"]["all"]
     assert reported["val/cindex_os"] == pytest.approx(report["os"]["harrell_c"], abs=1e-9)
     assert reported["val/cindex_dfs"] == pytest.approx(report["dfs"]["harrell_c"], abs=1e-9)

@@ -216,3 +216,56 @@ def finished_trials(root) -> list[str]:
         if progress.exists() and len(progress.read_text().strip().splitlines()) >= 3:
             out.append(trial.name)
     return out
+
+
+def test_a_sweep_and_an_evaluation_side_by_side_both_finish(sweep_result, shard_dir, tmp_path):
+    """`mmdls tune` and, while its trials run, `mmdls evaluate` in another process: two
+    local Rays on one machine (three with this test session's). Neither may break the
+    other: the sweep's stopped trials still release their workers (each later trial
+    needs them: one fits at a time), and the evaluation finishes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cfg, _, summary = sweep_result
+    from mmdls_dist.train import checkpoint
+
+    runs = sorted((cfg_storage(cfg) / "s1" / "train-runs").iterdir())
+    trained = next(c for c in map(checkpoint.newest_complete, map(str, runs)) if c)
+    spec = write_sweep(
+        tmp_path / "side.yaml",
+        num_samples=1,
+        max_t=1,
+        grace_period=1,
+        time_budget_s=300,
+        space={"loss.w_os": {"type": "grid", "values": [0.5, 1.0, 2.0]}},
+    )
+    overrides = [*TINY_TRAIN, "run.num_workers=1", "optim.epochs=2", "run.max_failures=0",
+                 f"run.storage_path={tmp_path / 'runs'}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API"))}
+    cli = [sys.executable, "-m", "mmdls_dist.cli"]
+    sweep = subprocess.Popen(
+        [*cli, "tune", "--sweep", str(spec), "--name", "side", "--shards", str(shard_dir)]
+        + [arg for item in overrides for arg in ("--set", item)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        trials = tmp_path / "runs" / "side" / "train-runs"
+        deadline = time.monotonic() + 180
+        while not (trials.exists() and any(trials.iterdir())) and sweep.poll() is None:
+            assert time.monotonic() < deadline, "the sweep's first trial never started"
+            time.sleep(1)
+        evaluation = subprocess.run(
+            [*cli, "evaluate", str(trained), "--shards", str(shard_dir), "--splits", "val",
+             "--bootstrap", "0", "--parts", "1", "--out", str(tmp_path / "ev")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+        assert (tmp_path / "ev" / "report.html").exists()
+        _, err = sweep.communicate(timeout=400)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, err[-3000:]
+    table = pd.read_csv(tmp_path / "runs" / "side" / "results.csv")
+    assert len(table) == 3 and (table.status == "ok").all() and (table.epochs == 1).all()

@@ -79,3 +79,30 @@ def test_ground_truth_mask_warmup_decays_to_zero():
     cfg = OptimConfig(gt_mask_warmup_epochs=2)
     assert [gt_mask_weight(e, cfg) for e in range(4)] == [1.0, 0.5, 0.0, 0.0]
     assert gt_mask_weight(0, OptimConfig(gt_mask_warmup_epochs=0)) == 0.0
+
+
+class _Payload:
+    """What a crafted checkpoint smuggles in: unpickling it would run a command."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_with_code_is_refused_in_one_line(tmp_path, capsys, caplog):
+    from mmdls_dist.cli import main
+
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    torch.save({"model": _Payload()}, folder / checkpoint.STATE)
+    (folder / checkpoint.CONFIG).write_text("{}")
+    with pytest.raises(checkpoint.RefusedCheckpointError) as info:
+        checkpoint.load(folder)
+    message = str(info.value)
+    assert str(folder / checkpoint.STATE) in message and "pickled Python objects" in message
+    assert "refused" in message and "weights_only=False" not in message
+    assert main(["predict", str(folder), "--shards", str(tmp_path), "--executor", "serial"]) == 2
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.getMessage() == message and "\n" not in message
+    assert "pwned" not in capsys.readouterr().out

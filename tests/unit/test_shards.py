@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_PREP, good_patient, row, write_clinical
+from helpers import TINY_PREP, crafted_shards, good_patient, row, write_clinical
 from PIL import Image
 
 from mmdls_dist.config import DataConfig, PrepConfig
@@ -19,8 +20,8 @@ from mmdls_dist.data.shards import (
     build_shards,
     load_manifest,
     normalization_stats,
-    verify_shards,
 )
+from mmdls_dist.data.verify import verify_shards
 
 
 @pytest.fixture
@@ -247,3 +248,38 @@ def test_file_level_defects_are_recorded_under_allow_rejects(tmp_path, damage):
     (defect,) = manifest["source"]["defects"]
     assert defect.startswith("radiomics.csv: (file):")
     assert defect.endswith("so radiomics are missing for every patient")
+
+
+def test_a_sample_naming_another_patient_is_refused(shard_dir, tmp_path):
+    copy, manifest, entry = crafted_shards(shard_dir, tmp_path, "../../evil")
+    (problem,) = verify_shards(str(copy), manifest)
+    assert entry["name"] in problem and "says it is patient '../../evil'" in problem
+    cfg = DataConfig(shards=str(copy), num_workers=0, verify="size")
+    with pytest.raises(ShardError, match="names another patient in meta.json"):
+        list(make_loader(cfg, "train", "eval"))  # the loader checks every sample it reads
+
+
+def test_an_inconsistent_manifest_is_named(shard_dir):
+    manifest = load_manifest(str(shard_dir))
+    broken = json.loads(json.dumps(manifest))
+    broken["shards"][1]["keys"] = broken["shards"][0]["keys"]
+    broken["shards"][2]["split"] = "holdout"
+    broken["splits"]["val"]["n_patients"] += 1
+    text = "\n".join(verify_shards(str(shard_dir), broken, check_hash=False))
+    assert "patient id(s) in more than one place" in text
+    assert "split 'holdout' is not a split of the manifest" in text
+    assert "splits.val.n_patients disagrees with its shards' counts" in text
+
+
+def test_masks_are_never_written_outside_their_folder(tmp_path):
+    import torch
+
+    from mmdls_dist.evaluation.inference import write_masks
+    from mmdls_dist.model.output import ModelOutput
+
+    logits = torch.zeros(1, 1, 4, 4)
+    out = ModelOutput(*(torch.zeros(1),) * 4, lung_logits=logits, lesion_logits=logits)
+    batch = type("B", (), {"patient_id": ["../evil"], "slice_mask": torch.ones(1, 1).bool()})
+    with pytest.raises(ShardError, match="not a plain name"):
+        write_masks(str(tmp_path / "masks"), batch, out, 4, {})
+    assert not list(tmp_path.rglob("*.png"))
