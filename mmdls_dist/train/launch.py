@@ -113,8 +113,14 @@ def _remove_orphans(cfg: Config, result) -> None:
             storage.remove(url)
 
 
-SUMMARY_METRICS = ("auc_histology", "auc_stage", "cindex_dfs", "cindex_os", "dice_lung",
-                   "dice_lesion")  # fmt: skip
+SUMMARY_METRICS = (
+    "auc_histology",
+    "auc_stage",
+    "cindex_dfs",
+    "cindex_os",
+    "dice_lung",
+    "dice_lesion",
+)
 
 
 def summary_text(cfg: Config, result, oracle: dict[str, float]) -> str:

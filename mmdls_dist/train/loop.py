@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import tempfile
 import time
 from collections import defaultdict
@@ -22,13 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from mmdls_dist import storage
-from mmdls_dist.config import ChaosConfig, Config, OptimConfig, from_dict, to_dict
+from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
 from mmdls_dist.data.shards import ShardError, load_manifest, manifest_hash
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
+from mmdls_dist.train.chaos import Chaos
 from mmdls_dist.train.distributed import all_gather_object, gather_with_grad, rank_and_world
 from mmdls_dist.train.losses import TaskWeighting, compute_losses
 from mmdls_dist.train.validation import summarize
@@ -89,34 +88,6 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if rank_and_world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
-
-
-class Chaos:
-    """Fault injection (config.chaos) for tests and failure drills: rank chaos.fail_rank
-    fails once, at chaos.fail_point ("step": right after optimizer step fail_at_step;
-    "validation": during the first validation after that step; "after_report": right
-    after the first report (and checkpoint) after that step). A marker file in the run
-    folder makes it once, across restarts."""
-
-    def __init__(self, cfg: ChaosConfig, rank: int, run: str):
-        self.cfg, self.rank = cfg, rank
-        self.marker = storage.join(run, ".chaos_fired")
-        self.armed = cfg.fail_at_step >= 0 and rank == cfg.fail_rank
-
-    def __call__(self, point: str, step: int) -> None:
-        cfg = self.cfg
-        if not self.armed or point != cfg.fail_point:
-            return
-        due = step == cfg.fail_at_step if point == "step" else step >= cfg.fail_at_step
-        if not due or storage.exists(self.marker):
-            return
-        storage.write_text(self.marker, f"{point} at step {step}\n")
-        self.armed = False
-        log.warning("chaos: failing rank %d at %s, step %d (%s)", self.rank, point, step,
-                    cfg.fail_mode)  # fmt: skip
-        if cfg.fail_mode == "sigkill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"chaos: injected failure at {point}, step {step}")
 
 
 class Trainer:
@@ -353,8 +324,10 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
     start = checkpoint.newest_complete(run)
     if start is not None:
         trainer.restore(start)
-        log.info("resumed at epoch %d (step %d) from %s", trainer.progress.epoch,
-                 trainer.progress.global_step, start)  # fmt: skip
+        progress = trainer.progress
+        log.info(
+            "resumed at epoch %d (step %d) from %s", progress.epoch, progress.global_step, start
+        )
     chaos = Chaos(cfg.chaos, rank, run)
     board = EpochLogger(cfg, local_run_dir(cfg)) if rank == 0 else None
     while trainer.progress.epoch < cfg.optim.epochs:
