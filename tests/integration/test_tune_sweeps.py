@@ -27,6 +27,15 @@ def write_sweep(path, **fields):
     return path
 
 
+def asha_stops_all(path, time_budget_s: float):
+    """Three trials that ASHA stops after their first epoch (max_t=1) in the middle of a
+    2-epoch Train run; the time budget turns a hang into a failure."""
+    grid = {"loss.w_os": {"type": "grid", "values": [0.5, 1.0, 2.0]}}
+    return write_sweep(
+        path, num_samples=1, max_t=1, grace_period=1, time_budget_s=time_budget_s, space=grid
+    )
+
+
 @pytest.fixture(scope="module")
 def sweep_result(ray_session, shard_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
@@ -94,14 +103,7 @@ def test_trials_stopped_by_asha_release_their_workers(ray_session, shard_dir, tm
     turns that hang into a failure)."""
     cfg = base(shard_dir, tmp_path)
     sweep = load_sweep(
-        write_sweep(
-            tmp_path / "asha.yaml",
-            num_samples=1,
-            max_t=1,
-            grace_period=1,
-            time_budget_s=240,
-            space={"loss.w_os": {"type": "grid", "values": [0.5, 1.0, 2.0]}},
-        ),
+        asha_stops_all(tmp_path / "asha.yaml", time_budget_s=240),
         cfg,
     )
     summary = run_sweep(cfg, sweep, "asha")
@@ -233,14 +235,7 @@ def test_a_sweep_and_an_evaluation_side_by_side_both_finish(sweep_result, shard_
 
     runs = sorted((cfg_storage(cfg) / "s1" / "train-runs").iterdir())
     trained = next(c for c in map(checkpoint.newest_complete, map(str, runs)) if c)
-    spec = write_sweep(
-        tmp_path / "side.yaml",
-        num_samples=1,
-        max_t=1,
-        grace_period=1,
-        time_budget_s=300,
-        space={"loss.w_os": {"type": "grid", "values": [0.5, 1.0, 2.0]}},
-    )
+    spec = asha_stops_all(tmp_path / "side.yaml", time_budget_s=300)
     overrides = [*TINY_TRAIN, "run.num_workers=1", "optim.epochs=2", "run.max_failures=0",
                  f"run.storage_path={tmp_path / 'runs'}"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API"))}

@@ -283,3 +283,26 @@ def test_masks_are_never_written_outside_their_folder(tmp_path):
     with pytest.raises(ShardError, match="not a plain name"):
         write_masks(str(tmp_path / "masks"), batch, out, 4, {})
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_verified_shards_are_not_read_again_until_they_change(shard_dir, tmp_path, monkeypatch):
+    """A restart does not re-read every byte: a file verified once is known by its
+    fingerprint; a changed file (new mtime) is read and checked again."""
+    from mmdls_dist.data import verify
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    manifest = load_manifest(str(copy))
+    cache = verify.VerifiedCache(tmp_path / "cache.json")
+    assert verify_shards(str(copy), manifest, cache=cache) == []
+    reads = []
+    scan = verify.scan_shard
+    monkeypatch.setattr(verify, "scan_shard", lambda url: reads.append(url) or scan(url))
+    again = verify.VerifiedCache(tmp_path / "cache.json")  # as a new process reads it
+    assert verify_shards(str(copy), manifest, cache=again) == [] and reads == []
+    victim = copy / manifest["shards"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))  # same size, new content and mtime
+    (problem,) = verify_shards(str(copy), manifest, cache=again)
+    assert "corrupted" in problem and reads == [str(victim)]
