@@ -133,6 +133,7 @@ class VerifiedCache:
             self.known: dict[str, str] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.known = {}
+        self.changed = False
 
     def key(self, url: str, entry: dict) -> str | None:
         mark = storage.fingerprint(url)
@@ -142,14 +143,20 @@ class VerifiedCache:
         return key is not None and key in self.known
 
     def add(self, key: str | None) -> None:
-        if key is None:
+        if key is not None:
+            self.known[key] = "ok"
+            self.changed = True
+
+    def save(self) -> None:
+        """Write the cache (once per check, not once per shard)."""
+        if not self.changed:
             return
-        self.known[key] = "ok"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
             tmp.write_text(json.dumps(self.known))
             tmp.replace(self.path)
+            self.changed = False
         except OSError as exn:  # a read-only home: verify again next time, nothing worse
             log.debug("cannot write the shard cache %s: %s", self.path, exn)
 
@@ -197,6 +204,8 @@ def verify_shards(
             problem = verify_shard(root, entry, check_hash, cache)
             if problem:
                 problems.append(problem)
+    if cache is not None:
+        cache.save()
     return problems
 
 
