@@ -64,7 +64,8 @@ def test_serving_loads_without_the_training_loop_or_ray():
         "import mmdls_dist.evaluation.evaluate, mmdls_dist.evaluation.predict\n"
         "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')\n"
         "       or m in ('mmdls_dist.train.loop', 'mmdls_dist.train.launch',\n"
-        "                'mmdls_dist.train.losses', 'mmdls_dist.train.tune')]\n"
+        "                'mmdls_dist.train.losses', 'mmdls_dist.train.tune',\n"
+        "                'mmdls_dist.train.augment')]\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

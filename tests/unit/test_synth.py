@@ -96,3 +96,80 @@ def test_images_show_lungs_and_a_lesion(synth_cohort, synth_report):
     body = ~lung  # outside lungs: soft tissue (bright) and air (dark) mixed
     assert ct[lesion].mean() > ct[lung_only].mean() + 20  # lesion denser than lung parenchyma
     assert ct[body].std() > 30
+
+
+FINDINGS = dataclasses.replace(TINY, style="findings")
+
+
+def test_the_findings_style_is_deterministic_and_imports_cleanly(tmp_path):
+    from mmdls_dist.data.ingest import read_cohort
+
+    truth = generate(FINDINGS, tmp_path / "a", tmp_path / "a.json")
+    generate(FINDINGS, tmp_path / "b", tmp_path / "b.json")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    report = read_cohort(tmp_path / "a")
+    assert report.ok, report.summary()
+    assert len(report.records) == FINDINGS.patients
+    assert len({r.image_size for r in report.records}) == 3  # centers differ in image size
+    assert truth["style"] == "findings"
+    factors = next(iter(truth["patients"].values()))
+    assert {"spicules", "satellites", "cavitation", "pleural"} <= set(factors)
+    # A different generator, not a relabelled one: no image is shared with the classic style.
+    classic = generate(TINY, tmp_path / "c", tmp_path / "c.json")
+    assert classic["patients"].keys() == truth["patients"].keys()
+    pid = next(iter(truth["patients"]))
+    a = sorted((tmp_path / "a" / "images" / pid / "ct").iterdir())
+    c = sorted((tmp_path / "c" / "images" / pid / "ct").iterdir())
+    assert a[0].name != c[0].name  # the centers name their slices differently
+    assert a[0].read_bytes() != c[0].read_bytes()
+
+
+def test_findings_survival_is_ranked_by_its_eta_and_the_findings_carry_risk(tmp_path):
+    spec = SynthConfig(
+        style="findings", patients=600, seed=2, image_size=32, min_slices=2, max_slices=3
+    )
+    truth = generate(spec, tmp_path / "raw", tmp_path / "t.json")
+    patients = truth["patients"]
+    for endpoint in ("dfs", "os"):
+        info = truth["endpoints"][endpoint]
+        assert 0.68 < info["oracle_cindex"] < 0.85
+        assert 0.3 < info["event_rate"] < 0.8
+        eta = np.array([p[f"eta_{endpoint}"] for p in patients.values()])
+        for finding in ("spicules", "satellites", "cavitation", "pleural"):
+            x = np.array([p[finding] for p in patients.values()])
+            assert np.corrcoef(x, eta)[0, 1] > 0.1, (endpoint, finding)
+
+
+def _findings_patient(**overrides):
+    from mmdls_dist.data.synth import findings
+
+    factors = {
+        "size": 0.5,
+        "density": 0.5,
+        "lobulation": 0.0,
+        "central": 0.5,
+        "lobe": 0.0,
+        "side": 1.0,
+        "radius_mm": 20.0,
+        "spicules": 0.0,
+        "satellites": 0.0,
+        "cavitation": 0.0,
+        "pleural": 0.0,
+    } | overrides
+    ct, lung, lesion = findings.render_patient(factors, findings.CENTERS[0], 8, 96, seed=5)
+    return ct.astype(float), lung > 0, lesion > 0
+
+
+def test_findings_images_show_cavities_and_satellites():
+    ct, lung, lesion = _findings_patient(cavitation=1.0)
+    k = int(np.argmax(lesion.reshape(8, -1).sum(1)))
+    ys, xs = np.nonzero(lesion[k])
+    cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+    assert ct[k, cy, cx] < 40 < ct[k][lesion[k]].mean()  # an air core inside the contour
+    assert (lesion & ~lung).sum() == 0  # the lesion lies in the lung mask
+
+    def bright_outside(ct, lung, lesion):
+        return int((lung & ~lesion & (ct > 85)).sum())
+
+    assert bright_outside(*_findings_patient(satellites=4.0)) > 10
+    assert bright_outside(*_findings_patient(satellites=0.0)) < 3
