@@ -36,12 +36,14 @@ from mmdls_dist.evaluation.reference import (
     load_reference,
     reference_for,
 )
+from mmdls_dist.metrics.calibration import survival_calibration
 from mmdls_dist.metrics.classification import (
     ECE_BINS,
     binary_auc,
     binary_metrics,
     macro_ovr_auc,
     multiclass_metrics,
+    reliability,
 )
 from mmdls_dist.metrics.segmentation import mean_dice
 from mmdls_dist.metrics.survival import (
@@ -111,6 +113,7 @@ def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
         ),
         "ibs_grid_months": [float(grid[0]), float(grid[-1])] if len(grid) >= 2 else None,
         "mean_predicted_survival": _by_horizon(horizons, surv.mean(axis=0)),
+        "calibration": survival_calibration(surv, time, event, horizons),
         "risk_groups": kaplan_meier_groups(time, event, groups, AT_RISK_TIMES),
         "notes": support_notes(endpoint, censoring, horizons, time, event),
     }
@@ -131,13 +134,18 @@ def segmentation_block(frame: pd.DataFrame) -> dict:
 
 def group_metrics(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -> dict:
     """Every metric of the report for one set of patients."""
+    histology = binary_metrics(
+        frame["histology_prob"].to_numpy(), frame["histology"].to_numpy(), ref.histology_threshold
+    )
+    if "histology_prob_uncalibrated" in frame and "ece" in histology:
+        raw = frame["histology_prob_uncalibrated"].to_numpy()
+        keep = frame["histology"].to_numpy() >= 0
+        histology["ece_uncalibrated"] = reliability(raw[keep], frame["histology"].to_numpy()[keep])[
+            "ece"
+        ]
     out = {
         "n_patients": int(len(frame)),
-        "histology": binary_metrics(
-            frame["histology_prob"].to_numpy(),
-            frame["histology"].to_numpy(),
-            ref.histology_threshold,
-        ),
+        "histology": histology,
         "stage": multiclass_metrics(stage_probs(frame), frame["stage"].to_numpy(), STAGES),
         **{e: survival_block(frame, e, ref) for e in ENDPOINTS},
         "segmentation": segmentation_block(frame),
@@ -268,6 +276,7 @@ def run_evaluation(
             if reference
             else reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
         )
+        frame = ref.calibrate(frame)
         results[label] = evaluate_frame(frame, ref, splits, cfg)
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
@@ -287,15 +296,23 @@ def run_evaluation(
             "horizons_months": list(horizons),
             "min_center_patients": cfg.min_center_patients,
             "reference": "Breslow baseline, censoring KM and risk tertiles from the training "
-            "split; histology threshold (Youden) from the validation split",
+            "split; temperature scaling of histology and stage and the histology threshold "
+            "(Youden, on the calibrated probabilities) from the validation split",
         },
         "models": models,
     }
     storage.write_json(str(out / "metrics.json"), metrics)
+    temperatures = "; ".join(
+        f"{label}: T histology {m['reference']['temperature']['histology']:.2f}, "
+        f"stage {m['reference']['temperature']['stage']:.2f}"
+        for label, m in models.items()
+    )
     summary = (
         f"{len(checkpoints)} model(s) on {shards}; splits {', '.join(splits)}; 95% CIs from "
         f"{cfg.bootstrap} patient-level bootstrap resamples; horizons "
-        f"{', '.join(f'{h:g}' for h in horizons)} months."
+        f"{', '.join(f'{h:g}' for h in horizons)} months. Histology and stage probabilities "
+        f"are temperature-scaled on the validation split ({temperatures}); 'ECE raw' is "
+        "the network's own."
     )
     meta = {"summary": summary, "overlay_split": overlay_split, "horizons": horizons}
     write_report(out, results, meta, overlays)

@@ -147,7 +147,7 @@ def run_prediction(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    table = prediction_table(frame, ref)
+    table = prediction_table(ref.calibrate(frame), ref)
     table = with_rejected(table, manifest)
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)

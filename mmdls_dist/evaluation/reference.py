@@ -1,6 +1,7 @@
 """The reference an evaluated cohort is scored against, fixed on the training cohort: the
 Breslow baselines, censoring distributions and risk-group cut-points of the *training*
-split, and the histology threshold of the *validation* split. `mmdls evaluate` writes it as
+split, and the temperatures of the classification heads and the histology threshold of the
+*validation* split. `mmdls evaluate` writes it as
 reference-<label>.json; `mmdls predict` and an evaluation at a site without the training
 shards apply it unchanged.
 """
@@ -15,9 +16,16 @@ from pathlib import Path
 import pandas as pd
 
 from mmdls_dist.config import EvalConfig
-from mmdls_dist.data.schema import ENDPOINTS
+from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.evaluation.inference import checkpoint_identity, run_inference
+from mmdls_dist.evaluation.inference import checkpoint_identity, run_inference, stage_probs
+from mmdls_dist.metrics.calibration import (
+    binary_logits,
+    class_logits,
+    fit_temperature,
+    scaled_binary,
+    scaled_multiclass,
+)
 from mmdls_dist.metrics.classification import youden_threshold
 from mmdls_dist.metrics.survival import BreslowBaseline, CensoringKM, risk_cutpoints
 
@@ -32,6 +40,23 @@ class Reference:
     censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
     horizons: tuple[float, ...]  # months (eval.horizons): survival probabilities, td-AUC
     notes: list[str] = field(default_factory=list)
+    # Temperature scaling of the heads, fitted on the validation split (1 = none).
+    temperature: dict[str, float] = field(default_factory=lambda: {"histology": 1.0, "stage": 1.0})
+
+    def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Inference frame -> the same with temperature-scaled histology and stage
+        probabilities; the network's own are kept as *_uncalibrated columns."""
+        out = frame.copy()
+        if "histology_prob_uncalibrated" in out:
+            return out  # already calibrated
+        columns = [f"stage_prob_{name}" for name in STAGES]
+        out["histology_prob_uncalibrated"] = out["histology_prob"]
+        out["histology_prob"] = scaled_binary(out["histology_prob"], self.temperature["histology"])
+        probs = scaled_multiclass(stage_probs(out), self.temperature["stage"])
+        for k, column in enumerate(columns):
+            out[f"{column}_uncalibrated"] = out[column]
+            out[column] = probs[:, k]
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -41,6 +66,7 @@ class Reference:
             "censoring": {e: c.to_dict() for e, c in self.censoring.items()},
             "horizons": list(self.horizons),
             "notes": self.notes,
+            "temperature": self.temperature,
         }
 
     @classmethod
@@ -52,6 +78,8 @@ class Reference:
             censoring={e: CensoringKM.from_dict(c) for e, c in d["censoring"].items()},
             horizons=tuple(d["horizons"]),
             notes=list(d["notes"]),
+            # References written before calibration existed apply none.
+            temperature=d.get("temperature", {"histology": 1.0, "stage": 1.0}),
         )
 
 
@@ -69,20 +97,31 @@ def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
 def fit_reference(
     train: pd.DataFrame, val: pd.DataFrame | None, horizons: tuple[float, ...]
 ) -> Reference:
-    """Fit the reference on the training split's predictions (threshold on validation)."""
+    """Fit the reference on the training split's predictions (temperatures and threshold
+    on validation, the threshold on the calibrated probabilities)."""
     notes = []
+    temperature = {"histology": 1.0, "stage": 1.0}
     if val is not None and len(val):
-        threshold = youden_threshold(val["histology_prob"], val["histology"])
+        temperature = {
+            "histology": fit_temperature(binary_logits(val["histology_prob"]), val["histology"]),
+            "stage": fit_temperature(class_logits(stage_probs(val)), val["stage"]),
+        }
+        calibrated = scaled_binary(val["histology_prob"], temperature["histology"])
+        threshold = youden_threshold(calibrated, val["histology"])
     else:
         threshold = 0.5
-        notes.append("no validation split: histology threshold fixed at 0.5")
+        notes.append(
+            "no validation split: histology threshold fixed at 0.5, probabilities not calibrated"
+        )
     cutpoints, baselines, censoring = {}, {}, {}
     for endpoint in ENDPOINTS:
         risk, time, event = endpoint_arrays(train, endpoint)
         cutpoints[endpoint] = risk_cutpoints(risk)
         baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
         censoring[endpoint] = CensoringKM.fit(time, event)
-    return Reference(threshold, cutpoints, baselines, censoring, tuple(horizons), notes)
+    return Reference(
+        threshold, cutpoints, baselines, censoring, tuple(horizons), notes, temperature
+    )
 
 
 def load_reference(path: str | Path) -> Reference:

@@ -117,6 +117,7 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
                 "AUC",
                 "AP",
                 "ECE",
+                "ECE raw",
                 "Brier",
                 "threshold",
                 "sens",
@@ -132,6 +133,7 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
                     _with_ci(m, "histology.auc", hist.get("auc")),
                     _with_ci(m, "histology.ap", hist.get("ap")),
                     _fmt(hist.get("ece")),
+                    _fmt(hist.get("ece_uncalibrated")),
                     _fmt(hist.get("brier")),
                     _fmt(at.get("threshold")),
                     _fmt(at.get("sensitivity")),
@@ -157,6 +159,7 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
         )
     )
     parts.append(survival_table(m, horizons))
+    parts.append(calibration_table(m, horizons))
     parts.append(hazard_table(m))
     for key in ("classification", *ENDPOINTS, "overlays"):
         parts.append(_img(figures.get(key)))
@@ -191,6 +194,41 @@ def survival_table(m: dict, horizons: list[str]) -> str:
             "IBS",
         ],
         rows,
+    )
+
+
+def calibration_table(m: dict, horizons: list[str]) -> str:
+    """Survival calibration: per horizon, the mean |predicted - Kaplan-Meier| over risk
+    deciles, and the predicted vs observed survival of the lowest and highest decile."""
+    rows = []
+    for e in ENDPOINTS:
+        for h in horizons:
+            c = m[e].get("calibration", {}).get(h)
+            if not c or not c["groups"]:
+                continue
+            low, high = c["groups"][-1], c["groups"][0]  # ranked by predicted survival
+            rows.append(
+                [
+                    e.upper(),
+                    h,
+                    _fmt(c["ici"]),
+                    f"{_fmt(low['predicted'])} / {_fmt(low['observed'])}",
+                    f"{_fmt(high['predicted'])} / {_fmt(high['observed'])}",
+                ]
+            )
+    if not rows:
+        return ""
+    return "<p><small>survival calibration against Kaplan-Meier per risk decile</small></p>" + (
+        _table(
+            [
+                "endpoint",
+                "months",
+                "mean |pred - KM|",
+                "lowest-risk decile pred / KM",
+                "highest-risk decile pred / KM",
+            ],
+            rows,
+        )
     )
 
 

@@ -147,3 +147,42 @@ def test_longer_external_follow_up_is_scored_not_an_abort(tmp_path):
     out = {"m": {"external": {"all": m, "centers": {}}}}
     page = write_report(tmp_path, out, {"overlay_split": "", "horizons": late.horizons}, {})
     assert "at 100 months are not defined" in page.read_text()
+
+
+def test_probabilities_are_temperature_scaled_on_validation_and_applied_elsewhere(cohort):
+    """An over-confident histology head: the temperature fitted on validation lowers the
+    external split's ECE; AUC is unchanged; the threshold is Youden on calibrated values."""
+    from scipy.special import expit, logit
+
+    from mmdls_dist.metrics.calibration import binary_logits, fit_temperature, scaled_binary
+    from mmdls_dist.metrics.classification import youden_threshold
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 1.5, len(cohort))
+    cohort = cohort.assign(
+        histology=(rng.random(len(cohort)) < expit(z)).astype(int),
+        histology_prob=expit(3.0 * z),
+    )
+    train, val = cohort[cohort.split == "train"], cohort[cohort.split == "val"]
+    ref = fit_reference(train, val, HORIZONS)
+    t = ref.temperature["histology"]
+    assert t == pytest.approx(fit_temperature(binary_logits(val.histology_prob), val.histology))
+    assert 2.0 < t < 4.5
+    calibrated_val = scaled_binary(val.histology_prob, t)
+    assert ref.histology_threshold == pytest.approx(youden_threshold(calibrated_val, val.histology))
+    external = ref.calibrate(cohort[cohort.split == "external"])
+    np.testing.assert_allclose(logit(external.histology_prob), 3.0 * z[-150:] / t, rtol=1e-5)
+    m = group_metrics(external, ref, 0, 0)["histology"]
+    assert m["ece"] < m["ece_uncalibrated"] / 1.5
+    raw = group_metrics(cohort[cohort.split == "external"], ref, 0, 0)["histology"]
+    assert m["auc"] == pytest.approx(raw["auc"], abs=1e-12)
+
+
+def test_the_survival_block_checks_calibration_per_decile(cohort):
+    ref = fit_reference(cohort[cohort.split == "train"], None, HORIZONS)
+    block = group_metrics(cohort[cohort.split == "train"], ref, 0, 0)["os"]["calibration"]
+    assert set(block) == {"12", "24", "36"}
+    # Fitted on these patients, the Breslow baseline is calibrated in the large.
+    assert all(block[h]["ici"] < 0.08 for h in block)
+    shifted = group_metrics(cohort[cohort.split == "external"], ref, 0, 0)["os"]["calibration"]
+    assert len(shifted["24"]["groups"]) == 10

@@ -1,0 +1,97 @@
+"""Calibration: temperature scaling of the classification heads (Guo et al. 2017), fitted
+once on the validation split, and survival calibration against Kaplan-Meier per risk group.
+
+Temperature scaling divides every logit by one scalar T > 0 fitted by minimising the
+validation negative log-likelihood; it changes neither the histology ranking (AUC) nor the
+stage arg-max. scikit-learn's CalibratedClassifierCV wraps an estimator it refits, not a
+frozen network's logits, so the 1-D fit is here (scipy minimises it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, log_softmax, logit
+
+EPS = 1e-7
+LOG_T_BOUNDS = (-3.0, 3.0)  # T in [0.05, 20]
+
+
+def binary_logits(prob) -> np.ndarray:
+    """Probabilities [n] -> logits (clipped away from 0 and 1)."""
+    return logit(np.clip(np.asarray(prob, dtype=np.float64), EPS, 1 - EPS))
+
+
+def class_logits(probs) -> np.ndarray:
+    """Softmax probabilities [n,K] -> logits up to a per-row constant (log-probabilities)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0))
+
+
+def _binary_nll(z: np.ndarray, y: np.ndarray, t: float) -> float:
+    s = z / t
+    return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+
+def _multiclass_nll(z: np.ndarray, y: np.ndarray, t: float) -> float:
+    return float(-np.mean(log_softmax(z / t, axis=1)[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits, labels) -> float:
+    """T minimising the NLL of labels given logits / T: logits [n] (binary, labels 0/1) or
+    [n,K] (labels 0..K-1); label -1 = unknown, left out. 1.0 (no change) when fewer than
+    two classes are known."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    keep = y >= 0
+    z, y = z[keep], y[keep].astype(int)
+    if len(np.unique(y)) < 2:
+        return 1.0
+    nll = _binary_nll if z.ndim == 1 else _multiclass_nll
+    fit = minimize_scalar(
+        lambda log_t: nll(z, y, math.exp(log_t)), bounds=LOG_T_BOUNDS, method="bounded"
+    )
+    return float(math.exp(fit.x))
+
+
+def scaled_binary(prob, temperature: float) -> np.ndarray:
+    return expit(binary_logits(prob) / temperature)
+
+
+def scaled_multiclass(probs, temperature: float) -> np.ndarray:
+    return np.exp(log_softmax(class_logits(probs) / temperature, axis=1))
+
+
+def survival_calibration(
+    survival_prob: np.ndarray, time, event, horizons, n_groups: int = 10
+) -> dict[str, dict]:
+    """Predicted vs observed survival at each horizon, per group of patients ranked by their
+    predicted survival there (deciles by default). observed = Kaplan-Meier of the group at
+    the horizon (lifelines), None where the group's follow-up ends before it.
+    -> horizon -> {groups: [{n, predicted, observed}], ici}: ici = the patient-weighted mean
+    |predicted - observed| over the groups with an observation (integrated calibration
+    index over risk groups)."""
+    from lifelines import KaplanMeierFitter
+
+    time = np.asarray(time, dtype=np.float64)
+    event = np.asarray(event, dtype=bool)
+    out = {}
+    for k, h in enumerate(horizons):
+        pred = np.asarray(survival_prob)[:, k]
+        groups = np.array_split(np.argsort(pred, kind="stable"), min(n_groups, len(pred)))
+        rows, err, weight = [], 0.0, 0
+        for idx in groups:
+            if not len(idx):
+                continue
+            observed = None
+            if time[idx].max() >= h:
+                km = KaplanMeierFitter().fit(time[idx], event[idx])
+                observed = float(km.predict(h))
+                err += len(idx) * abs(float(pred[idx].mean()) - observed)
+                weight += len(idx)
+            rows.append(
+                {"n": int(len(idx)), "predicted": float(pred[idx].mean()), "observed": observed}
+            )
+        out[f"{h:g}"] = {"groups": rows, "ici": err / weight if weight else float("nan")}
+    return out
