@@ -153,23 +153,62 @@ def cmd_stream(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-@command("train", "the main job: DDP training on Ray Train", *RUN_SOURCES)
+@command(
+    "train",
+    "the main job: DDP training on Ray Train",
+    arg(
+        "--folds",
+        type=int,
+        help="K-fold cross-validation (sets prep.folds): one run per fold, then their "
+        "ensemble (a folder that evaluate and predict accept as one model)",
+    ),
+    *RUN_SOURCES,
+)
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     """Train MM-DLS with Ray Train (DDP). With no --data, --shards or data.shards it makes
     a synthetic cohort (the synth block), shards it (the prep block) and trains on it: the
     embedded default. Under `ray job submit` it joins that cluster; otherwise it starts a
-    local Ray. Starting the same run.name again resumes it."""
-    from mmdls_dist.config import dump_yaml
+    local Ray. Starting the same run.name again resumes it. Shards cut into folds (--folds
+    K, prep.folds) train every fold in turn as runs NAME-fold0.. and write the ensemble
+    NAME (each fold run resumes like any run)."""
+    from mmdls_dist.config import dump_yaml, with_values
     from mmdls_dist.data.prepare import synthetic_oracle
+    from mmdls_dist.data.shards import load_manifest
     from mmdls_dist.train.launch import fit, summary_text
 
+    if args.folds is not None:
+        cfg = with_values(cfg, {"prep.folds": args.folds})
     cfg, truth, raw = _with_data(cfg, args)
     log.info("resolved config:\n%s", dump_yaml(cfg))
+    folds = load_manifest(cfg.data.shards)["prep"].get("folds", 0)
+    if args.folds is not None and folds != args.folds:
+        raise ValueError(f"--folds {args.folds}, but {cfg.data.shards} holds {folds} folds")
+    if folds and cfg.data.fold < 0:
+        return _train_folds(cfg, folds)
     result = fit(cfg)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     oracle = synthetic_oracle(truth, raw, cfg.data.shards) if truth and raw else {}
     print(summary_text(cfg, result, oracle))
+    return 0
+
+
+def _train_folds(cfg: Config, folds: int) -> int:
+    """Every fold's run in turn (each resumable as any run), then the ensemble folder."""
+    from mmdls_dist import storage
+    from mmdls_dist.config import with_values
+    from mmdls_dist.evaluation.ensemble import write_ensemble
+    from mmdls_dist.train.launch import fit, summary_text
+
+    names = [f"{cfg.run.name}-fold{k}" for k in range(folds)]
+    for k, name in enumerate(names):
+        fold_cfg = with_values(cfg, {"data.fold": k, "run.name": name})
+        result = fit(fold_cfg)
+        if result.error:
+            raise RuntimeError(f"training fold {k} failed: {result.error}")
+        print(summary_text(fold_cfg, result, {}))
+    url = write_ensemble(storage.join(cfg.run.storage_path, cfg.run.name), names)
+    print(f"\nensemble of {folds} folds: {url} (mmdls evaluate / predict take its folder)")
     return 0
 
 

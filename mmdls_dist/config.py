@@ -49,6 +49,8 @@ class DataConfig:
     steps_per_epoch: int | None = None  # batches per rank per epoch; None = one pass
     verify: str = resumable("full")  # "full": sha256 of every shard before use; "size": sizes
     seed: int = 0  # shard order / shuffle seed (combined with epoch, rank, worker)
+    fold: int = -1  # shards cut into cross-validation folds (prep.folds): fold k validates,
+    # the other folds train; -1 = the shards' own train / val split
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("max_slices", 1), ("prefetch_factor", 1)):
@@ -61,6 +63,8 @@ class DataConfig:
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError("data.steps_per_epoch must be >= 1 or None")
         choice("data.verify", self.verify, ("full", "size"))
+        if self.fold < -1:
+            raise ValueError("data.fold must be -1 (no folds) or a fold index >= 0")
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,9 @@ class PrepConfig:
     # size the model reads (data.image_size) to keep resizing off the training hot path
     val_fraction: float = 0.2  # share of the internal (non-external) patients, [0, 1)
     test_fraction: float = 0.1  # share of the internal patients, [0, 1)
+    folds: int = 0  # >= 2: the internal patients outside test are dealt to this many
+    # cross-validation folds (fold0, fold1, ...; stratified as the split) instead of train
+    # and val, and val_fraction is unused; 0 = one train / val split
     external_centers: tuple[str, ...] = ()  # centers held out whole as the external split
     stratify_by: tuple[str, ...] = STRATA  # keys the split balances: center, histology,
     # tnm_stage (an unknown label is a stratum of its own)
@@ -322,6 +329,8 @@ class PrepConfig:
                 raise ValueError(f"prep.{name} must be in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("prep.val_fraction + prep.test_fraction must be < 1")
+        if self.folds != 0 and not 2 <= self.folds <= 10:
+            raise ValueError("prep.folds must be 0 (no folds) or in 2..10")
         unknown = set(self.stratify_by) - set(STRATA)
         if unknown:
             raise ValueError(f"prep.stratify_by: unknown keys {sorted(unknown)}")

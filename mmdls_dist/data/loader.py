@@ -24,7 +24,7 @@ from mmdls_dist.config import DataConfig
 from mmdls_dist.data.collate import collate
 from mmdls_dist.data.plan import Segment, eval_segments, train_segments, train_steps
 from mmdls_dist.data.schema import Batch, valid_patient_id
-from mmdls_dist.data.shards import ShardError, load_manifest
+from mmdls_dist.data.shards import ShardError, data_manifest
 from mmdls_dist.data.verify import ensure_verified
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class PatientStream(torch.utils.data.IterableDataset):
             raise ValueError("data.shards is empty: give the shard folder or URL")
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size = rank, world_size
-        self.manifest = manifest if manifest is not None else load_manifest(cfg.shards)
+        self.manifest = manifest if manifest is not None else data_manifest(cfg)
         self.entries = [e for e in self.manifest["shards"] if e["split"] == split]
         if not self.entries:
             have = sorted(self.manifest["splits"])

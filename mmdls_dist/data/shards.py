@@ -43,7 +43,7 @@ from mmdls_dist.data.schema import (
     PatientRecord,
     before_zscore,
 )
-from mmdls_dist.data.splits import assign_splits
+from mmdls_dist.data.splits import assign_splits, fold_splits
 
 MANIFEST = "manifest.json"
 TAR_BLOCK = 512
@@ -275,7 +275,7 @@ def build_shards(
     else:
         split_of = assign_splits(report.records, prep)
     rng = np.random.default_rng(prep.seed + 1)
-    names = (single_split,) if single_split else SPLITS
+    names = (single_split,) if single_split else (*SPLITS, *fold_splits(prep.folds))
     by_split: dict[str, list[PatientRecord]] = {s: [] for s in names}
     for record in sorted(report.records, key=lambda r: r.patient_id):
         by_split[split_of[record.patient_id]].append(record)
@@ -309,7 +309,13 @@ def build_shards(
         "rejected": {pid: [str(d) for d in ds] for pid, ds in sorted(report.rejected.items())},
         "splits": splits,
         "shards": entries,
-        "normalization": normalization_stats(by_split["train"]) if "train" in by_split else None,
+        "normalization": _normalization(by_split, prep.folds),
+        "fold_normalization": [
+            normalization_stats(
+                [r for f in fold_splits(prep.folds) if f != fold for r in by_split[f]]
+            )
+            for fold in fold_splits(prep.folds)
+        ],
         "clinical_columns": [c.name for c in CLINICAL_COLUMNS],
         "radiomics_names": report.radiomics_names,
     }
@@ -317,6 +323,57 @@ def build_shards(
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(out / MANIFEST)
     return manifest
+
+
+def _normalization(by_split: dict, folds: int) -> dict | None:
+    """Training statistics: of the train split, or of all folds (a fold's own training
+    statistics are in fold_normalization)."""
+    if folds:
+        return normalization_stats([r for f in fold_splits(folds) for r in by_split[f]])
+    return normalization_stats(by_split["train"]) if by_split.get("train") else None
+
+
+def fold_view(manifest: dict, fold: int) -> dict:
+    """The manifest as cross-validation fold `fold` sees it: that fold's shards are the val
+    split, the other folds' the train split, its training statistics the normalisation.
+    fold -1 = the manifest itself."""
+    if fold < 0:
+        return manifest
+    folds = manifest.get("prep", {}).get("folds", 0)
+    if not folds:
+        raise ShardError(
+            f"data.fold={fold}, but these shards have no cross-validation folds; shard with "
+            "prep.folds (mmdls shard --folds K) or leave data.fold at -1"
+        )
+    if fold >= folds:
+        raise ShardError(f"data.fold={fold}, but the shards have {folds} folds (0..{folds - 1})")
+
+    def role(split: str) -> str:
+        if split == f"fold{fold}":
+            return "val"
+        return "train" if split.startswith("fold") else split
+
+    entries = [dict(e, split=role(e["split"])) for e in manifest["shards"]]
+    splits: dict[str, dict] = {}
+    for name, info in manifest["splits"].items():
+        merged = splits.setdefault(role(name), {"n_patients": 0, "centers": {}, "shards": []})
+        merged["n_patients"] += info["n_patients"]
+        merged["shards"] += info["shards"]
+        for center, n in info["centers"].items():
+            merged["centers"][center] = merged["centers"].get(center, 0) + n
+    return dict(
+        manifest,
+        shards=entries,
+        splits=splits,
+        normalization=manifest["fold_normalization"][fold],
+        fold=fold,
+    )
+
+
+def data_manifest(data) -> dict:
+    """The manifest a training run reads (data: DataConfig): its shards' manifest, seen as
+    cross-validation fold data.fold where that is set."""
+    return fold_view(load_manifest(data.shards), data.fold)
 
 
 def load_manifest(root: str) -> dict:

@@ -25,8 +25,14 @@ def _stratum(record: PatientRecord, keys: tuple[str, ...]) -> tuple:
     return tuple(out)
 
 
+def fold_splits(folds: int) -> tuple[str, ...]:
+    """The split names of a cross-validation sharding: fold0, fold1, ..."""
+    return tuple(f"fold{k}" for k in range(folds))
+
+
 def assign_splits(records: list[PatientRecord], prep: PrepConfig) -> dict[str, str]:
-    """patient_id -> split name. Deterministic for (records, prep).
+    """patient_id -> split name. Deterministic for (records, prep). With prep.folds the
+    internal patients outside test are dealt to fold0..fold{K-1} the same way.
 
     Internal patients are ordered stratum by stratum (random order inside a stratum), then
     dealt to train/val/test by a largest-deficit rule: each next patient goes to the split
@@ -56,15 +62,20 @@ def assign_splits(records: list[PatientRecord], prep: PrepConfig) -> dict[str, s
         ids = sorted(strata[key])
         order.extend(ids[i] for i in rng.permutation(len(ids)))
 
-    names = ("train", "val", "test")
-    shares = np.array(
-        [
-            1.0 - prep.val_fraction - prep.test_fraction,
-            prep.val_fraction,
-            prep.test_fraction,
-        ]
-    )
-    counts = np.zeros(3)
+    if prep.folds:
+        names = (*fold_splits(prep.folds), "test")
+        rest = (1.0 - prep.test_fraction) / prep.folds
+        shares = np.array([rest] * prep.folds + [prep.test_fraction])
+    else:
+        names = ("train", "val", "test")
+        shares = np.array(
+            [
+                1.0 - prep.val_fraction - prep.test_fraction,
+                prep.val_fraction,
+                prep.test_fraction,
+            ]
+        )
+    counts = np.zeros(len(names))
     for i, pid in enumerate(order):
         deficit = shares * (i + 1) - counts
         k = int(np.argmax(deficit))

@@ -22,9 +22,15 @@ from sklearn.metrics import average_precision_score
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, SPLITS, STAGES
-from mmdls_dist.data.shards import load_manifest
+from mmdls_dist.evaluation.ensemble import (
+    ensemble_members,
+    ensemble_reference,
+    mean_frame,
+    member_frames,
+)
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
+    model_manifest,
     overlay_batch,
     resolve_checkpoint,
     run_inference,
@@ -233,6 +239,21 @@ def labelled_models(specs: list[str]) -> dict[str, str]:
 # --- the job: checkpoints + shards -> metrics.json, predictions, report.html ---------------
 
 
+def _expand_ensembles(checkpoints: dict[str, str]) -> dict[str, str | list[str]]:
+    """label -> checkpoint, or -> member checkpoints for a fold ensemble, followed by each
+    member under "<label> fold<k>" (fold-wise metrics beside the ensemble's)."""
+    out: dict[str, str | list[str]] = {}
+    for label, path in checkpoints.items():
+        members = ensemble_members(path)
+        if members is None:
+            out[label] = resolve_checkpoint(path)
+            continue
+        out[label] = members
+        for k, ckpt in enumerate(members):
+            out[f"{label} fold{k}"] = ckpt
+    return out
+
+
 def run_evaluation(
     checkpoints: dict[str, str],
     shards: str | None,
@@ -255,35 +276,48 @@ def run_evaluation(
     from mmdls_dist.evaluation.figures import overlay_samples
     from mmdls_dist.evaluation.report import slug, write_report
 
-    if reference and len(checkpoints) > 1:
+    if reference and (len(checkpoints) > 1 or ensemble_members(next(iter(checkpoints.values())))):
         raise ValueError("--reference fits one model; evaluate the models one at a time")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    models_in = _expand_ensembles(checkpoints)
+    first = next(iter(models_in.values()))
+    first = first[0] if isinstance(first, list) else first
     if shards is None:
-        first = resolve_checkpoint(next(iter(checkpoints.values())))
         shards = checkpoint_identity(first)["config"]["data"]["shards"]
-    available = [s for s in SPLITS if s in load_manifest(shards)["splits"]]
+    available = [
+        s for s in SPLITS if s in model_manifest(shards, checkpoint_identity(first))["splits"]
+    ]
     splits = splits or available
     overlay_split = next((s for s in ("test", "val", "external") if s in splits), splits[0])
     results, models, overlays = {}, {}, {}
-    for label, path in checkpoints.items():
-        ckpt = resolve_checkpoint(path)
+    for label, ckpt in models_in.items():
         log.info("%s: inference with %s on %s (%s)", label, ckpt, shards, ", ".join(splits))
-        wanted = sorted(set(splits) | ({"train", "val"} & set(available)))
-        frame = run_inference(ckpt, shards, wanted, cfg, mapper)
-        ref = (
-            load_reference(reference)
-            if reference
-            else reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
-        )
-        frame = ref.calibrate(frame)
-        results[label] = evaluate_frame(frame, ref, splits, cfg)
+        if isinstance(ckpt, list):  # a fold ensemble: held-out splits only
+            held_out = [s for s in splits if s in ("test", "external")]
+            if not held_out:
+                raise ValueError(f"{label}: a fold ensemble is scored on test / external only")
+            frame = mean_frame(member_frames(ckpt, shards, held_out, cfg, mapper, reference_shards))
+            ref = load_reference(reference) if reference else ensemble_reference(ckpt, cfg, mapper)
+            results[label] = evaluate_frame(frame, ref, held_out, cfg)
+            overlay_ckpt = ckpt[0]
+        else:
+            wanted = sorted(set(splits) | ({"train", "val"} & set(available)))
+            frame = run_inference(ckpt, shards, wanted, cfg, mapper)
+            ref = (
+                load_reference(reference)
+                if reference
+                else reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
+            )
+            frame = ref.calibrate(frame)
+            results[label] = evaluate_frame(frame, ref, splits, cfg)
+            overlay_ckpt = ckpt
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
         frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
         storage.write_json(
             str(out / f"reference-{slug(label)}.json"), {"checkpoint": ckpt, **ref.to_dict()}
         )
-        batch, output = overlay_batch(ckpt, shards, overlay_split)
+        batch, output = overlay_batch(overlay_ckpt, shards, overlay_split)
         overlays[label] = overlay_samples(batch, output) if output.lung_logits is not None else []
     horizons = ref.horizons  # eval.horizons, or the given reference's
     metrics = {

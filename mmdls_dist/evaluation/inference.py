@@ -26,7 +26,7 @@ from mmdls_dist.config import Config, EvalConfig, from_dict
 from mmdls_dist.data.collate import select_slices
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import STAGES, valid_patient_id
-from mmdls_dist.data.shards import ShardError, load_manifest
+from mmdls_dist.data.shards import ShardError, fold_view, load_manifest
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
@@ -162,14 +162,20 @@ def write_masks(root: str, batch, out, max_slices: int, slice_names: dict) -> No
 def overlay_batch(ckpt: str, shards: str, split: str, patients: int = 4):
     """(Batch, ModelOutput) of the first `patients` of a split, for the report's overlays."""
     loaded = load_model(ckpt)
-    manifest = inference_manifest(shards, loaded.identity["normalization"])
+    manifest = model_manifest(shards, loaded.identity)
     batch = next(iter(eval_loader(loaded, shards, split, manifest, patients)))
     return batch, loaded.model(batch)
 
 
-def inference_manifest(shards: str, normalization: dict) -> dict:
-    """The shards' manifest with the model's training normalisation in place of theirs."""
-    return dict(load_manifest(shards), normalization=normalization)
+def model_manifest(shards: str, identity: dict) -> dict:
+    """The shards' manifest as this model sees it: its training normalisation in place of
+    theirs, and, for a cross-validation fold model on shards cut into folds, the fold's
+    train / val split (data/shards.fold_view)."""
+    manifest = load_manifest(shards)
+    fold = identity["config"]["data"].get("fold", -1)
+    if fold >= 0 and manifest.get("prep", {}).get("folds"):
+        manifest = fold_view(manifest, fold)
+    return dict(manifest, normalization=identity["normalization"])
 
 
 def plan_parts(
@@ -178,10 +184,10 @@ def plan_parts(
     splits: list[str],
     parts: int,
     batch_size: int,
-    normalization: dict,
+    identity: dict,
     **extra,
 ) -> list[Part]:
-    manifest = inference_manifest(shards, normalization)
+    manifest = model_manifest(shards, identity)
     have = {e["split"] for e in manifest["shards"]}
     missing = [s for s in splits if s not in have]
     if missing:
@@ -198,8 +204,8 @@ def run_inference(
 ) -> pd.DataFrame:
     """Predictions for every patient of `splits` as a DataFrame (see `predictions_frame`),
     in cfg.parts tasks per split run through `mapper`. extra: Part's output options."""
-    norm = checkpoint_identity(ckpt)["normalization"]
-    plan = plan_parts(ckpt, shards, splits, cfg.parts, cfg.batch_size, norm, **extra)
+    identity = checkpoint_identity(ckpt)
+    plan = plan_parts(ckpt, shards, splits, cfg.parts, cfg.batch_size, identity, **extra)
     records = [r for part in mapper(infer_part, plan) for r in part]
     frame = predictions_frame(records)
     expected = sum(plan[0].manifest["splits"][s]["n_patients"] for s in splits)

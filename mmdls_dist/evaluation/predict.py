@@ -22,6 +22,12 @@ from mmdls_dist.config import EvalConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import build_shards, load_manifest
+from mmdls_dist.evaluation.ensemble import (
+    ensemble_members,
+    ensemble_reference,
+    mean_frame,
+    member_frames,
+)
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     resolve_checkpoint,
@@ -112,7 +118,10 @@ def run_prediction(
     if (data is None) == (shards is None):
         raise ValueError("give exactly one of --data (a raw folder) and --shards")
     raw, masks_dir = data, masks
-    ckpt = resolve_checkpoint(checkpoint)
+    members = ensemble_members(checkpoint)  # a fold ensemble: the mean of its members
+    if members and masks:
+        raise ValueError("--masks needs one model; give one member of the ensemble")
+    ckpt = members[0] if members else resolve_checkpoint(checkpoint)
     identity = checkpoint_identity(ckpt)
     tmp = None
     slice_names = None
@@ -129,6 +138,12 @@ def run_prediction(
         split = split or PREDICT_SPLIT
     try:
         mapper = mapper_factory("predict")
+        if members:
+            frame = mean_frame(member_frames(members, shards, [split], cfg, mapper, dice=False))
+            ref = (
+                load_reference(reference) if reference else ensemble_reference(members, cfg, mapper)
+            )
+            return _write(prediction_table(frame, ref), manifest, out_csv)
         frame = run_inference(
             ckpt,
             shards,
@@ -147,7 +162,10 @@ def run_prediction(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    table = prediction_table(ref.calibrate(frame), ref)
+    return _write(prediction_table(ref.calibrate(frame), ref), manifest, out_csv)
+
+
+def _write(table: pd.DataFrame, manifest: dict, out_csv: str | Path) -> pd.DataFrame:
     table = with_rejected(table, manifest)
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)

@@ -17,8 +17,12 @@ import pandas as pd
 
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
-from mmdls_dist.data.shards import load_manifest
-from mmdls_dist.evaluation.inference import checkpoint_identity, run_inference, stage_probs
+from mmdls_dist.evaluation.inference import (
+    checkpoint_identity,
+    model_manifest,
+    run_inference,
+    stage_probs,
+)
 from mmdls_dist.metrics.calibration import (
     binary_logits,
     class_logits,
@@ -142,7 +146,7 @@ def reference_for(
     training split, else inference on the training shards (the checkpoint's own by default)."""
     source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
     if source != shards or "train" not in set(frame["split"]):
-        have = set(load_manifest(source)["splits"])
+        have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
         splits = [s for s in ("train", "val") if s in have]
         frame = run_inference(ckpt, source, splits, cfg, mapper)
     if "train" not in set(frame["split"]):

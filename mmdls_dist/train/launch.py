@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mmdls_dist import storage
 from mmdls_dist.config import Config, to_dict
-from mmdls_dist.data.shards import ShardError, load_manifest, manifest_hash
+from mmdls_dist.data.shards import ShardError, data_manifest, load_manifest, manifest_hash
 from mmdls_dist.data.verify import check_dataset
 from mmdls_dist.train import checkpoint
 from mmdls_dist.train.loop import train_loop_per_worker
@@ -20,7 +20,7 @@ def guard_run_identity(cfg: Config) -> dict:
     before any worker starts (the workers check the checkpoint itself again)."""
     identity = {
         "config": to_dict(cfg),
-        "manifest_hash": manifest_hash(load_manifest(cfg.data.shards)),
+        "manifest_hash": manifest_hash(data_manifest(cfg.data)),
     }
     url = storage.join(run_url(cfg), checkpoint.RUN_IDENTITY)
     if storage.exists(url):
@@ -66,7 +66,7 @@ def check_data(cfg: Config) -> dict:
     data error is one ShardError here, not a worker failure that Ray would retry."""
     manifest = load_manifest(cfg.data.shards)
     check_dataset(cfg.data.shards, manifest, check_hash=cfg.data.verify == "full")
-    return manifest
+    return data_manifest(cfg.data)  # a fold of shards without folds fails here too
 
 
 ERRORS = {  # what fatal.json's "kind" raises again on the driver

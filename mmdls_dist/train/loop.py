@@ -24,7 +24,7 @@ from mmdls_dist import storage
 from mmdls_dist.config import Config, OptimConfig, from_dict, to_dict
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import Batch
-from mmdls_dist.data.shards import ShardError, load_manifest, manifest_hash
+from mmdls_dist.data.shards import ShardError, data_manifest, manifest_hash
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
@@ -97,7 +97,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, rank: int, world: int, prepare):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.manifest = load_manifest(cfg.data.shards)
+        self.manifest = data_manifest(cfg.data)
         self.train_loader = make_loader(cfg.data, "train", "train", rank, world, self.manifest)
         self.val_loader = make_loader(cfg.data, "val", "eval", rank, world, self.manifest)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank

@@ -1,0 +1,115 @@
+"""Fold ensembles: the K cross-validation runs of `mmdls train --folds K` as one model.
+
+An ensemble is a folder holding ensemble.json ({"members": [run folder names, relative to
+the ensemble folder's parent]}); `mmdls evaluate` and `mmdls predict` accept it wherever
+they accept a run folder. Its prediction for a patient is the mean of its members' log
+hazards and of their probabilities, each member calibrated first with its own fold's
+validation temperatures.
+
+The ensemble's reference (reference.py) is fixed on the cross-validated cohort: Breslow
+baselines, censoring and risk cut-points on the ensemble's predictions for every fold
+patient (as a single model's are on its training split), the histology threshold on the
+out-of-fold predictions (each patient scored by the member that validated on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from mmdls_dist import storage
+from mmdls_dist.config import EvalConfig
+from mmdls_dist.data.schema import STAGES
+from mmdls_dist.evaluation.inference import (
+    checkpoint_identity,
+    model_manifest,
+    resolve_checkpoint,
+    run_inference,
+)
+from mmdls_dist.evaluation.reference import Reference, fit_reference, reference_for
+from mmdls_dist.metrics.classification import youden_threshold
+
+ENSEMBLE = "ensemble.json"
+# Per-patient values averaged over members; everything else (ids, labels) is the first's.
+MEAN_COLUMNS = (
+    "histology_prob",
+    "histology_prob_uncalibrated",
+    *(f"stage_prob_{s}" for s in STAGES),
+    *(f"stage_prob_{s}_uncalibrated" for s in STAGES),
+    "dfs_risk",
+    "os_risk",
+    "dice_lung",
+    "dice_lesion",
+)
+
+
+def write_ensemble(folder: str, members: list[str]) -> str:
+    """ensemble.json in `folder` naming member run folders (siblings of `folder`)."""
+    url = storage.join(folder, ENSEMBLE)
+    storage.write_json(url, {"members": members})
+    return url
+
+
+def ensemble_members(path: str) -> list[str] | None:
+    """The members' checkpoints (each run's best) if `path` is an ensemble, else None."""
+    url = storage.join(path, ENSEMBLE)
+    if not storage.exists(url):
+        return None
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    names = storage.read_json(url)["members"]
+    if not names:
+        raise ValueError(f"{url}: an ensemble without members")
+    return [resolve_checkpoint(storage.join(parent, name)) for name in names]
+
+
+def mean_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Member prediction frames (same patients) -> the ensemble's: mean per patient."""
+    base = frames[0].set_index("patient_id")
+    for frame in frames[1:]:
+        if set(frame["patient_id"]) != set(base.index):
+            raise ValueError("ensemble members scored different patients")
+    columns = [c for c in MEAN_COLUMNS if c in base]
+    stacked = pd.concat([f.set_index("patient_id")[columns] for f in frames])
+    out = base.copy()
+    out[columns] = stacked.groupby(level=0).mean().loc[base.index]
+    return out.reset_index()
+
+
+def member_frames(
+    members: list[str],
+    shards: str,
+    splits: list[str],
+    cfg: EvalConfig,
+    mapper: Callable,
+    reference_shards: str | None = None,
+    **extra,
+) -> list[pd.DataFrame]:
+    """Each member's calibrated predictions for `splits` of `shards`."""
+    frames = []
+    for ckpt in members:
+        frame = run_inference(ckpt, shards, splits, cfg, mapper, **extra)
+        ref = reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
+        frames.append(ref.calibrate(frame))
+    return frames
+
+
+def ensemble_reference(members: list[str], cfg: EvalConfig, mapper: Callable) -> Reference:
+    """The ensemble's reference, fixed on the cross-validated cohort (module docstring)."""
+    source = checkpoint_identity(members[0])["config"]["data"]["shards"]
+    frames, out_of_fold = [], []
+    for ckpt in members:
+        view = model_manifest(source, checkpoint_identity(ckpt))
+        splits = [s for s in ("train", "val") if s in view["splits"]]
+        frame = member_frames([ckpt], source, splits, cfg, mapper)[0]
+        out_of_fold.append(frame[frame["split"] == "val"])
+        frames.append(frame.assign(split="train"))
+    cohort = mean_frame(frames)
+    oof = pd.concat(out_of_fold, ignore_index=True)
+    ref = fit_reference(cohort, None, cfg.horizons)
+    ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
+    ref.notes = [
+        f"fold ensemble of {len(members)} members: each member calibrated on its own "
+        "validation fold; histology threshold on the out-of-fold predictions"
+    ]
+    return ref

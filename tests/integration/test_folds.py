@@ -1,0 +1,85 @@
+"""`mmdls train --folds 2` end to end: one Ray Train run per fold, the ensemble folder,
+and evaluate / predict taking the ensemble as one model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import TINY_PREP, TINY_TRAIN
+
+from mmdls_dist.cli import main
+from mmdls_dist.config import EvalConfig, PrepConfig, to_dict
+from mmdls_dist.data.shards import build_shards
+from mmdls_dist.evaluation.evaluate import run_evaluation
+from mmdls_dist.evaluation.predict import run_prediction
+from mmdls_dist.parallel import serial_mapper
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cross_validated(ray_session, synth_report, tmp_path_factory):
+    base = tmp_path_factory.mktemp("cv")
+    shards = base / "shards"
+    prep = PrepConfig(**{**to_dict(TINY_PREP), "folds": 2, "external_centers": ("HOSP-C",)})
+    build_shards(synth_report, shards, prep)
+    argv = ["train", "--shards", str(shards), "--folds", "2"]
+    for item in (*TINY_TRAIN, "optim.epochs=1", f"run.storage_path={base / 'runs'}", "run.name=cv"):
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return shards, base / "runs"
+
+
+def test_each_fold_is_a_run_and_the_ensemble_names_them(cross_validated):
+    _, runs = cross_validated
+    for k in range(2):
+        assert (runs / f"cv-fold{k}" / "best.json").is_file()
+        identity = json.loads(
+            next((runs / f"cv-fold{k}").glob("checkpoint_*/config.json")).read_text()
+        )
+        assert identity["config"]["data"]["fold"] == k
+    assert json.loads((runs / "cv" / "ensemble.json").read_text()) == {
+        "members": ["cv-fold0", "cv-fold1"]
+    }
+
+
+def test_evaluate_scores_the_ensemble_beside_each_fold(cross_validated, tmp_path):
+    shards, runs = cross_validated
+    cfg = EvalConfig(bootstrap=10, min_center_patients=2, parts=1, batch_size=4)
+    metrics = run_evaluation(
+        {"cv": str(runs / "cv")}, str(shards), tmp_path, cfg, serial_mapper("e")
+    )
+    assert set(metrics["models"]) == {"cv", "cv fold0", "cv fold1"}
+    assert set(metrics["models"]["cv"]["splits"]) <= {"test", "external"}
+    assert "external" in metrics["models"]["cv"]["splits"]
+    assert "val" in metrics["models"]["cv fold0"]["splits"]  # fold-wise: its own fold
+    ens = pd.read_csv(tmp_path / "predictions-cv.csv").set_index("patient_id")
+    members = [
+        pd.read_csv(tmp_path / f"predictions-cv-fold{k}.csv").set_index("patient_id")
+        for k in range(2)
+    ]
+    ext = ens.index[ens["split"] == "external"]
+    for column in ("os_risk", "histology_prob"):
+        mean = (members[0].loc[ext, column] + members[1].loc[ext, column]) / 2
+        np.testing.assert_allclose(ens.loc[ext, column], mean, rtol=1e-6)
+    assert "ci95" in metrics["models"]["cv"]["splits"]["external"]["all"]
+
+
+def test_predict_takes_the_ensemble(cross_validated, tmp_path):
+    shards, runs = cross_validated
+    cfg = EvalConfig(parts=1, batch_size=4)
+    table = run_prediction(
+        str(runs / "cv"),
+        tmp_path / "p.csv",
+        cfg,
+        lambda d: serial_mapper(d),
+        shards=str(shards),
+        split="external",
+    )
+    assert (table["status"] == "ok").all() and len(table) > 0
+    assert Path(tmp_path / "p.csv").is_file()
+    assert table["os_risk"].notna().all()
