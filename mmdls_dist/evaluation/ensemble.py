@@ -21,13 +21,13 @@ import pandas as pd
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import STAGES
-from mmdls_dist.evaluation.inference import (
-    checkpoint_identity,
-    model_manifest,
-    resolve_checkpoint,
-    run_inference,
+from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
+from mmdls_dist.evaluation.reference import (
+    Reference,
+    fit_on_training_frame,
+    fit_reference,
+    training_frame,
 )
-from mmdls_dist.evaluation.reference import Reference, fit_reference, reference_for
 from mmdls_dist.metrics.classification import youden_threshold
 
 ENSEMBLE = "ensemble.json"
@@ -76,7 +76,7 @@ def mean_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def member_frames(
+def ensemble_predictions(
     members: list[str],
     shards: str,
     splits: list[str],
@@ -84,32 +84,27 @@ def member_frames(
     mapper: Callable,
     reference_shards: str | None = None,
     **extra,
-) -> list[pd.DataFrame]:
-    """Each member's calibrated predictions for `splits` of `shards`."""
-    frames = []
+) -> tuple[pd.DataFrame, Reference]:
+    """-> (the ensemble's predictions for `splits` of `shards`, its reference).
+
+    Each member is run once on `splits` and once on its training cohort (train and val of
+    its fold; not again where `shards` is that cohort and `splits` hold them): its own
+    reference calibrates both. The ensemble's reference is fixed on the cross-validated
+    cohort (module docstring)."""
+    held_out, cohort, out_of_fold = [], [], []
     for ckpt in members:
         frame = run_inference(ckpt, shards, splits, cfg, mapper, **extra)
-        ref = reference_for(ckpt, frame, shards, reference_shards, cfg, mapper)
-        frames.append(ref.calibrate(frame))
-    return frames
-
-
-def ensemble_reference(members: list[str], cfg: EvalConfig, mapper: Callable) -> Reference:
-    """The ensemble's reference, fixed on the cross-validated cohort (module docstring)."""
-    source = checkpoint_identity(members[0])["config"]["data"]["shards"]
-    frames, out_of_fold = [], []
-    for ckpt in members:
-        view = model_manifest(source, checkpoint_identity(ckpt))
-        splits = [s for s in ("train", "val") if s in view["splits"]]
-        frame = member_frames([ckpt], source, splits, cfg, mapper)[0]
-        out_of_fold.append(frame[frame["split"] == "val"])
-        frames.append(frame.assign(split="train"))
-    cohort = mean_frame(frames)
+        own = training_frame(ckpt, frame, shards, reference_shards, cfg, mapper)
+        member_ref = fit_on_training_frame(own, cfg.horizons)
+        held_out.append(member_ref.calibrate(frame))
+        own = member_ref.calibrate(own)
+        out_of_fold.append(own[own["split"] == "val"])
+        cohort.append(own.assign(split="train"))
     oof = pd.concat(out_of_fold, ignore_index=True)
-    ref = fit_reference(cohort, None, cfg.horizons)
+    ref = fit_reference(mean_frame(cohort), None, cfg.horizons)
     ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
     ref.notes = [
         f"fold ensemble of {len(members)} members: each member calibrated on its own "
         "validation fold; histology threshold on the out-of-fold predictions"
     ]
-    return ref
+    return mean_frame(held_out), ref

@@ -22,12 +22,7 @@ from sklearn.metrics import average_precision_score
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, SPLITS, STAGES
-from mmdls_dist.evaluation.ensemble import (
-    ensemble_members,
-    ensemble_reference,
-    mean_frame,
-    member_frames,
-)
+from mmdls_dist.evaluation.ensemble import ensemble_members, ensemble_predictions
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     model_manifest,
@@ -276,11 +271,11 @@ def run_evaluation(
     from mmdls_dist.evaluation.figures import overlay_samples
     from mmdls_dist.evaluation.report import slug, write_report
 
-    if reference and (len(checkpoints) > 1 or ensemble_members(next(iter(checkpoints.values())))):
+    models_in = _expand_ensembles(checkpoints)  # an ensemble is several models too
+    if reference and len(models_in) > 1:
         raise ValueError("--reference fits one model; evaluate the models one at a time")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    models_in = _expand_ensembles(checkpoints)
     first = next(iter(models_in.values()))
     first = first[0] if isinstance(first, list) else first
     if shards is None:
@@ -297,8 +292,7 @@ def run_evaluation(
             held_out = [s for s in splits if s in ("test", "external")]
             if not held_out:
                 raise ValueError(f"{label}: a fold ensemble is scored on test / external only")
-            frame = mean_frame(member_frames(ckpt, shards, held_out, cfg, mapper, reference_shards))
-            ref = load_reference(reference) if reference else ensemble_reference(ckpt, cfg, mapper)
+            frame, ref = ensemble_predictions(ckpt, shards, held_out, cfg, mapper, reference_shards)
             results[label] = evaluate_frame(frame, ref, held_out, cfg)
             overlay_ckpt = ckpt[0]
         else:

@@ -22,12 +22,7 @@ from mmdls_dist.config import EvalConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.data.shards import build_shards, load_manifest
-from mmdls_dist.evaluation.ensemble import (
-    ensemble_members,
-    ensemble_reference,
-    mean_frame,
-    member_frames,
-)
+from mmdls_dist.evaluation.ensemble import ensemble_members, ensemble_predictions
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     resolve_checkpoint,
@@ -139,10 +134,8 @@ def run_prediction(
     try:
         mapper = mapper_factory("predict")
         if members:
-            frame = mean_frame(member_frames(members, shards, [split], cfg, mapper, dice=False))
-            ref = (
-                load_reference(reference) if reference else ensemble_reference(members, cfg, mapper)
-            )
+            frame, ref = ensemble_predictions(members, shards, [split], cfg, mapper, dice=False)
+            ref = load_reference(reference) if reference else ref
             return _write(prediction_table(frame, ref), manifest, out_csv)
         frame = run_inference(
             ckpt,

@@ -134,6 +134,33 @@ def load_reference(path: str | Path) -> Reference:
     return Reference.from_dict(json.loads(Path(path).read_text()))
 
 
+def training_frame(
+    ckpt: str,
+    frame: pd.DataFrame,
+    shards: str,
+    reference_shards: str | None,
+    cfg: EvalConfig,
+    mapper: Callable,
+) -> pd.DataFrame:
+    """The model's predictions on its training cohort's train and val splits: the evaluated
+    frame itself when it holds them, else inference on the training shards (the
+    checkpoint's own by default)."""
+    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
+    if source != shards or "train" not in set(frame["split"]):
+        have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
+        splits = [s for s in ("train", "val") if s in have]
+        frame = run_inference(ckpt, source, splits, cfg, mapper)
+    if "train" not in set(frame["split"]):
+        raise ValueError(f"{source}: no training split to fix the reference on")
+    return frame[frame["split"].isin(("train", "val"))]
+
+
+def fit_on_training_frame(frame: pd.DataFrame, horizons: tuple[float, ...]) -> Reference:
+    """fit_reference on a training_frame (its train split, and its val split if any)."""
+    val = frame[frame["split"] == "val"]
+    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None, horizons)
+
+
 def reference_for(
     ckpt: str,
     frame: pd.DataFrame,
@@ -142,14 +169,6 @@ def reference_for(
     cfg: EvalConfig,
     mapper: Callable,
 ) -> Reference:
-    """The Reference from the training cohort: the evaluated frame itself when it holds the
-    training split, else inference on the training shards (the checkpoint's own by default)."""
-    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
-    if source != shards or "train" not in set(frame["split"]):
-        have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
-        splits = [s for s in ("train", "val") if s in have]
-        frame = run_inference(ckpt, source, splits, cfg, mapper)
-    if "train" not in set(frame["split"]):
-        raise ValueError(f"{source}: no training split to fix the reference on")
-    val = frame[frame["split"] == "val"]
-    return fit_reference(frame[frame["split"] == "train"], val if len(val) else None, cfg.horizons)
+    """The Reference from the training cohort (training_frame)."""
+    own = training_frame(ckpt, frame, shards, reference_shards, cfg, mapper)
+    return fit_on_training_frame(own, cfg.horizons)
