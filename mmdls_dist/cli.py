@@ -169,8 +169,9 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     a synthetic cohort (the synth block), shards it (the prep block) and trains on it: the
     embedded default. Under `ray job submit` it joins that cluster; otherwise it starts a
     local Ray. Starting the same run.name again resumes it. Shards cut into folds (--folds
-    K, prep.folds) train every fold in turn as runs NAME-fold0.. and write the ensemble
-    NAME (each fold run resumes like any run)."""
+    K, prep.folds) train every fold as runs NAME-fold0.. (as many at once as the cluster
+    holds, as Tune trials) and write the ensemble NAME (each fold run resumes like any
+    run)."""
     from mmdls_dist.config import dump_yaml, with_values
     from mmdls_dist.data.prepare import synthetic_oracle
     from mmdls_dist.data.shards import load_manifest
@@ -194,21 +195,20 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _train_folds(cfg: Config, folds: int) -> int:
-    """Every fold's run in turn (each resumable as any run), then the ensemble folder."""
+    """Every fold's run (concurrent Tune trials where the cluster has room; each resumable
+    as any run), then the ensemble folder."""
     from mmdls_dist import storage
-    from mmdls_dist.config import with_values
     from mmdls_dist.evaluation.ensemble import write_ensemble
-    from mmdls_dist.train.launch import fit, summary_text
+    from mmdls_dist.train.folds import fold_summary, train_folds
 
-    names = [f"{cfg.run.name}-fold{k}" for k in range(folds)]
-    for k, name in enumerate(names):
-        fold_cfg = with_values(cfg, {"data.fold": k, "run.name": name})
-        result = fit(fold_cfg)
-        if result.error:
-            raise RuntimeError(f"training fold {k} failed: {result.error}")
-        print(summary_text(fold_cfg, result, {}))
-    url = write_ensemble(storage.join(cfg.run.storage_path, cfg.run.name), names)
-    print(f"\nensemble of {folds} folds: {url} (mmdls evaluate / predict take its folder)")
+    configs = train_folds(cfg, folds)
+    print(f"\n{folds} folds (validation metrics of each fold's deployed checkpoint):")
+    for fold_cfg in configs:
+        print(fold_summary(fold_cfg))
+    url = write_ensemble(
+        storage.join(cfg.run.storage_path, cfg.run.name), [c.run.name for c in configs]
+    )
+    print(f"ensemble of {folds} folds: {url} (mmdls evaluate / predict take its folder)")
     return 0
 
 

@@ -249,7 +249,10 @@ class RunConfig:
     cpus_per_worker: float = 1.0  # CPUs reserved per worker, > 0
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
     checkpoints_to_keep: int = 3  # newest + best by run.metric are kept; 0 = keep all
-    metric: str = "val/cindex_os"  # validation metric for best checkpoint / early stopping
+    metric: str = "epoch"  # what ranks checkpoints: "epoch" deploys the last one (measured
+    # best on an unseen center: a validation metric on a fold of ~100-300 patients picks an
+    # epoch on noise, docs/BENCHMARKS.md), or a reported metric, e.g. val/cindex_os, which
+    # early stopping then also watches
     mode: str = "max"  # "max" or "min" for run.metric
     seed: int = 0  # model init and dropout seed (ranks add their rank)
     tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (local storage only)
@@ -389,6 +392,13 @@ class Config:
     prep: PrepConfig = field(default_factory=PrepConfig, metadata=RESUMABLE)
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=RESUMABLE)
     chaos: ChaosConfig = field(default_factory=ChaosConfig, metadata=RESUMABLE)
+
+    def __post_init__(self) -> None:
+        if self.optim.early_stopping_patience and self.run.metric == "epoch":
+            raise ValueError(
+                "optim.early_stopping_patience needs run.metric to be a validation metric "
+                "(e.g. val/cindex_os); with run.metric=epoch the last epoch is kept"
+            )
 
 
 def resumable_fields() -> tuple[str, ...]:

@@ -76,6 +76,39 @@ def mean_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out.reset_index()
 
 
+def member_predictions(
+    ckpt: str,
+    shards: str,
+    splits: list[str],
+    cfg: EvalConfig,
+    mapper: Callable,
+    reference_shards: str | None = None,
+    **extra,
+) -> tuple[pd.DataFrame, pd.DataFrame, Reference]:
+    """One member on `splits` of `shards` -> (its calibrated predictions there, its
+    calibrated predictions on its own training cohort (train and val of its fold), its own
+    reference). extra: inference Part options."""
+    frame = run_inference(ckpt, shards, splits, cfg, mapper, **extra)
+    own = training_frame(ckpt, frame, shards, reference_shards, cfg, mapper)
+    ref = fit_on_training_frame(own, cfg.horizons)
+    return ref.calibrate(frame), ref.calibrate(own), ref
+
+
+def combine_members(
+    members: list[tuple[pd.DataFrame, pd.DataFrame, Reference]], horizons: tuple[float, ...]
+) -> tuple[pd.DataFrame, Reference]:
+    """member_predictions of every member -> (the ensemble's predictions, its reference)."""
+    oof = pd.concat([own[own["split"] == "val"] for _, own, _ in members], ignore_index=True)
+    cohort = [own.assign(split="train") for _, own, _ in members]
+    ref = fit_reference(mean_frame(cohort), None, horizons)
+    ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
+    ref.notes = [
+        f"fold ensemble of {len(members)} members: each member calibrated on its own "
+        "validation fold; histology threshold on the out-of-fold predictions"
+    ]
+    return mean_frame([held_out for held_out, _, _ in members]), ref
+
+
 def ensemble_predictions(
     members: list[str],
     shards: str,
@@ -91,20 +124,8 @@ def ensemble_predictions(
     its fold; not again where `shards` is that cohort and `splits` hold them): its own
     reference calibrates both. The ensemble's reference is fixed on the cross-validated
     cohort (module docstring)."""
-    held_out, cohort, out_of_fold = [], [], []
-    for ckpt in members:
-        frame = run_inference(ckpt, shards, splits, cfg, mapper, **extra)
-        own = training_frame(ckpt, frame, shards, reference_shards, cfg, mapper)
-        member_ref = fit_on_training_frame(own, cfg.horizons)
-        held_out.append(member_ref.calibrate(frame))
-        own = member_ref.calibrate(own)
-        out_of_fold.append(own[own["split"] == "val"])
-        cohort.append(own.assign(split="train"))
-    oof = pd.concat(out_of_fold, ignore_index=True)
-    ref = fit_reference(mean_frame(cohort), None, cfg.horizons)
-    ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
-    ref.notes = [
-        f"fold ensemble of {len(members)} members: each member calibrated on its own "
-        "validation fold; histology threshold on the out-of-fold predictions"
+    results = [
+        member_predictions(ckpt, shards, splits, cfg, mapper, reference_shards, **extra)
+        for ckpt in members
     ]
-    return mean_frame(held_out), ref
+    return combine_members(results, cfg.horizons)

@@ -105,6 +105,8 @@ class Part:
     mask_dir: str | None = None  # write predicted masks as PNGs here
     slice_names: dict | None = None  # patient -> original slice file names (for mask files)
     dice: bool = True  # score the predicted masks against the stored ones
+    withhold_contours: bool = False  # read every patient as CT-only (the segmentor's own
+    # lesion mask, as for a folder without contours), whatever contours the shards hold
 
 
 def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
@@ -128,6 +130,10 @@ def infer_part(part: Part) -> list[dict]:
     records: list[dict] = []
     for batch in loader:
         batch = batch.to(device)
+        if part.withhold_contours:
+            batch = dataclasses.replace(
+                batch, lesion_annotated=torch.zeros_like(batch.lesion_annotated)
+            )
         out = loaded.model(batch)
         records.extend(_records(batch, out, part.split, with_dice=part.dice))
         if part.mask_dir is not None and out.lung_logits is not None:

@@ -38,7 +38,8 @@ def token_net(width: int, hidden: int, dim: int, dropout: float, rank: int = 0) 
     return nn.Sequential(*layers)
 
 
-CT_MEAN, CT_STD = 0.5, 0.25  # of ct / 255; a fixed affine map, so no data statistics needed
+CT_MEAN, CT_STD = 0.5, 0.25  # of ct / 255: a fixed affine map, no data statistics (a per-patient
+# landmark standardisation was measured against it and gave no gain: docs/BENCHMARKS.md)
 
 
 def normalise_ct(ct: torch.Tensor) -> torch.Tensor:

@@ -341,10 +341,10 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
         chaos("validation", trainer.progress.global_step)
         val, _, first_batch, first_out = trainer.evaluate()
         metrics.update(val)
+        metrics["epoch"] = epoch
         stop = _update_progress(trainer, metrics, cfg)
         metrics.update(
             {
-                "epoch": epoch,
                 "global_step": trainer.progress.global_step,
                 "score": score_of(metrics, cfg),
                 "early_stop": stop,

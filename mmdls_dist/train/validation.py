@@ -5,11 +5,13 @@ same metric functions the evaluation report uses (metrics/)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mmdls_dist.data.schema import ENDPOINTS
 from mmdls_dist.metrics.classification import binary_auc, macro_ovr_auc
 from mmdls_dist.metrics.segmentation import mean_dice
 from mmdls_dist.metrics.survival import harrell_c
+from mmdls_dist.train.losses import cox_loss
 
 COMPOSITE = ("auc_histology", "auc_stage", "cindex_dfs", "cindex_os")
 
@@ -46,6 +48,16 @@ def summarize(records: list[dict], prefix: str = "") -> dict[str, float]:
             col(f"{endpoint}_time")[known],
             col(f"{endpoint}_event")[known],
         )
+        # The validation Cox loss (per event, Efron ties), the training objective on
+        # held-out patients: smoother than the rank statistic above.
+        term = cox_loss(
+            torch.tensor(col(f"{endpoint}_risk")[known], dtype=torch.float64),
+            torch.tensor(col(f"{endpoint}_time")[known]),
+            torch.tensor(col(f"{endpoint}_event")[known].astype(bool)),
+            torch.ones(int(known.sum()), dtype=torch.bool),
+        )
+        out[f"cox_nll_{endpoint}"] = float(term.loss) if term.n_events else float("nan")
+    out["cox_nll"] = out["cox_nll_dfs"] + out["cox_nll_os"]
     out["composite"] = composite(out)
     for key in ("dice_lung", "dice_lesion"):
         if key in records[0]:

@@ -28,7 +28,10 @@ def cross_validated(ray_session, synth_report, tmp_path_factory):
     prep = PrepConfig(**{**to_dict(TINY_PREP), "folds": 2, "external_centers": ("HOSP-C",)})
     build_shards(synth_report, shards, prep)
     argv = ["train", "--shards", str(shards), "--folds", "2"]
-    for item in (*TINY_TRAIN, "optim.epochs=1", f"run.storage_path={base / 'runs'}", "run.name=cv"):
+    # One worker per run: the 2-CPU test cluster holds both folds at once, so they train
+    # as concurrent Tune trials (train/folds.py).
+    settings = ("optim.epochs=1", "run.num_workers=1", f"run.storage_path={base / 'runs'}")
+    for item in (*TINY_TRAIN, *settings, "run.name=cv"):
         argv += ["--set", item]
     assert main(argv) == 0
     return shards, base / "runs"
@@ -36,6 +39,7 @@ def cross_validated(ray_session, synth_report, tmp_path_factory):
 
 def test_each_fold_is_a_run_and_the_ensemble_names_them(cross_validated):
     _, runs = cross_validated
+    assert (runs / "cv-trials").is_dir()  # the folds ran as Tune trials
     for k in range(2):
         assert (runs / f"cv-fold{k}" / "best.json").is_file()
         identity = json.loads(

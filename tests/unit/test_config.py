@@ -79,6 +79,7 @@ def test_overrides_apply_with_types():
         ("model.patient_fusion=voxels", "model.patient_fusion must be one of"),
         ("model.lesion_reader=4", "model.lesion_reader must be 0 (off) or >= 8"),
         ("optim", "not of the form section.key=value"),
+        ("optim.early_stopping_patience=3", "needs run.metric to be a validation metric"),
     ],
 )
 def test_bad_overrides_fail_loudly(override, message):
@@ -137,3 +138,9 @@ def test_resumable_fields_come_from_field_metadata():
 
 def test_load_config_defaults_to_the_cli_preset():
     assert load_config() == load_config(DEFAULT_PRESET) == load_config("debug")
+
+
+def test_the_last_epoch_is_deployed_unless_a_validation_metric_is_named():
+    assert load_config("debug").run.metric == "epoch"
+    cfg = load_config("debug", ["run.metric=val/cindex_os", "optim.early_stopping_patience=3"])
+    assert cfg.optim.early_stopping_patience == 3

@@ -120,3 +120,18 @@ def test_the_ensemble_is_the_mean_of_its_members():
     assert list(out.loc[ids, "histology"]) == [0, 1, 1]
     with pytest.raises(ValueError, match="different patients"):
         mean_frame([frames[0], frames[1].iloc[:2]])
+
+
+def test_folds_run_at_once_as_far_as_the_cluster_holds_them():
+    from mmdls_dist.config import load_config
+    from mmdls_dist.train.folds import at_once, fold_config
+
+    cfg = load_config("debug", ["run.num_workers=2", "run.cpus_per_worker=1"])
+    assert at_once(cfg, 3, {"CPU": 2.0}) == 1  # one run fills it: in sequence
+    assert at_once(cfg, 3, {"CPU": 4.0}) == 2
+    assert at_once(cfg, 3, {"CPU": 64.0}) == 3  # never more than there are folds
+    gpu = load_config("debug", ["run.num_workers=2", "run.use_gpu=true"])
+    assert at_once(gpu, 5, {"CPU": 64.0, "GPU": 8.0}) == 4
+    fold = fold_config(cfg, 2, driver_cpus=0.01)
+    assert (fold.data.fold, fold.run.name) == (2, f"{cfg.run.name}-fold2")
+    assert fold.run.cpus_per_worker == pytest.approx(1 - 0.005)

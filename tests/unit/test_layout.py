@@ -32,7 +32,7 @@ def modules() -> dict[str, set[str]]:
 
 
 def test_ray_is_imported_only_at_the_edges():
-    edges = {"parallel", "train.loop", "train.launch", "train.tune"}
+    edges = {"parallel", "train.loop", "train.launch", "train.tune", "train.folds"}
     users = {m for m, names in modules().items() if any(n.split(".")[0] == "ray" for n in names)}
     assert users == edges
 

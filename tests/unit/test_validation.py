@@ -63,3 +63,36 @@ def test_composite_is_the_mean_of_the_defined_task_metrics():
     assert composite(m) == pytest.approx(0.75)
     assert composite(m | {"cindex_dfs": float("nan")}) == pytest.approx(0.8)
     assert np.isnan(composite({}))
+
+
+def test_validation_cox_loss_is_the_partial_likelihood_per_event():
+    rng = np.random.default_rng(3)
+    n = 30
+    risk, time = rng.normal(size=n), rng.permutation(np.arange(1, n + 1)).astype(float)
+    event, known = rng.random(n) < 0.6, rng.random(n) < 0.9
+    records = [
+        {
+            "histology_prob": 0.5,
+            "histology": i % 2,
+            "stage_probs": [0.3, 0.3, 0.4],
+            "stage": i % 3,
+            **{
+                f"{e}_{k}": v
+                for e in ("dfs", "os")
+                for k, v in zip(
+                    ("risk", "time", "event", "known"),
+                    (risk[i], time[i], bool(event[i]), bool(known[i])),
+                    strict=True,
+                )
+            },
+        }
+        for i in range(n)
+    ]
+    r, t, d = risk[known], time[known], event[known]  # no ties: Efron = Breslow = this
+    terms = [r[i] - np.log(np.exp(r[t >= t[i]]).sum()) for i in np.flatnonzero(d)]
+    expected = -np.sum(terms) / d.sum()
+    out = summarize(records, prefix="val/")
+    assert out["val/cox_nll_dfs"] == pytest.approx(expected, rel=1e-6)
+    assert out["val/cox_nll"] == pytest.approx(2 * expected, rel=1e-6)
+    no_events = [rec | {"dfs_event": False} for rec in records]
+    assert np.isnan(summarize(no_events)["cox_nll_dfs"])
