@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory of the full MM-DLS network at paper resolution.
 
-    python bench/bench_model.py                       # CPU: full, augment, pixels, reference
+    python bench/bench_model.py                       # CPU: full, pixels, reference
     python bench/bench_model.py --device cuda         # GPU: bf16 autocast + channels_last
 
 One step = forward + backward + AdamW update on a batch of B patients x 30 slices x
@@ -8,8 +8,6 @@ One step = forward + backward + AdamW update on a batch of B patients x 30 slice
 fresh subprocess so its peak memory is its own.
 
   full       the package's model (ModelConfig defaults, the paper preset's reader crop)
-  augment    full, each step's batch first augmented on the device (AugmentConfig
-             defaults, train/augment.py): the augmentation's share of a training step
   pixels     the same network with the original MM-DLS slice encoders (a conv encoder over
              the masked full-resolution CT) in place of mask pooling of the segmentor's
              maps: the design the package replaced, kept here as a measured reference
@@ -29,12 +27,11 @@ import time
 import torch
 from torch import nn
 
-from mmdls_dist.config import AugmentConfig, LossConfig, ModelConfig
+from mmdls_dist.config import LossConfig, ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
 from mmdls_dist.model.layers import conv_norm_act, mlp
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.views import SliceContext, log_area
-from mmdls_dist.train.augment import Augment
 from mmdls_dist.train.losses import TaskWeighting, compute_losses
 
 
@@ -159,16 +156,13 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
     weighting = TaskWeighting(loss_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    augment = Augment(AugmentConfig(enabled=variant == "augment"), seed=0, rank=0)
-    steps = iter(range(10**9))
 
     def step() -> None:
-        seen = augment(batch, 0, next(steps))
         with amp:
             if variant == "reference":
-                loss = model(seen).float().square().mean()
+                loss = model(batch).float().square().mean()
             else:
-                loss = compute_losses(model(seen), seen, loss_cfg, weighting).total
+                loss = compute_losses(model(batch), batch, loss_cfg, weighting).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -205,7 +199,7 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--variants", default="full,augment,pixels,reference")
+    parser.add_argument("--variants", default="full,pixels,reference")
     parser.add_argument("--batch", type=int, default=4, help="patients per step")
     parser.add_argument("--reference-batch", type=int, default=1)
     parser.add_argument("--slices", type=int, default=30)

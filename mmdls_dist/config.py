@@ -2,7 +2,7 @@
 range; it is also the field's --help text) and is validated on creation; unknown keys and
 wrong types fail loudly, naming the field.
 
-Blocks: data, model, loss, augment, optim, run (training), synth (a synthetic cohort), prep (raw
+Blocks: data, model, loss, optim, run (training), synth (a synthetic cohort), prep (raw
 export -> shards), eval (evaluation and prediction), chaos (fault drills). YAML presets
 live in mmdls_dist/configs/ (debug, default, paper); `load_config(preset, overrides)`
 applies repeated `section.key=value` overrides (values parsed as YAML). A command's own
@@ -165,50 +165,6 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    """Training-time augmentation on the device (train/augment.py): each transform is drawn
-    per patient with its probability p_*, its strength uniformly up to its range. Never
-    applied at validation, evaluation or prediction."""
-
-    enabled: bool = True  # off = the batch as loaded (ablations)
-    p_affine: float = 0.7  # probability of a random rotation / scale / translation, [0, 1]
-    rotate_deg: float = 10.0  # largest in-plane rotation in degrees, [0, 45]
-    scale: float = 0.1  # largest relative zoom in or out, [0, 0.5]
-    translate: float = 0.05  # largest shift as a fraction of the image side, [0, 0.25]
-    p_flip: float = 0.5  # probability of a left-right mirror (the only anatomical flip), [0, 1]
-    p_slice_jitter: float = 0.3  # probability of an extra small shift per slice, [0, 1]
-    slice_jitter: float = 1.0  # std of that per-slice shift in pixels, [0, 8]
-    p_intensity: float = 0.8  # probability of a gamma / gain / offset change, [0, 1]
-    gamma: float = 0.2  # largest relative gamma change (log-uniform), [0, 1]
-    gain: float = 0.1  # largest relative gain change, [0, 0.5]
-    offset: float = 0.05  # largest offset as a fraction of the window, [0, 0.25]
-    p_blur: float = 0.2  # probability of an in-plane Gaussian blur, [0, 1]
-    blur_sigma: float = 1.0  # largest blur sigma in pixels, [0, 3]
-    p_noise: float = 0.3  # probability of added Gaussian noise, [0, 1]
-    noise_std: float = 0.03  # largest noise std as a fraction of the window, [0, 0.2]
-    p_slice_dropout: float = 0.2  # probability of dropping slices of a patient, [0, 1]
-    slice_dropout: float = 0.2  # share of that patient's slices dropped, [0, 0.8]
-
-    def __post_init__(self) -> None:
-        limits = {
-            "rotate_deg": 45.0,
-            "scale": 0.5,
-            "translate": 0.25,
-            "slice_jitter": 8.0,
-            "gamma": 1.0,
-            "gain": 0.5,
-            "offset": 0.25,
-            "blur_sigma": 3.0,
-            "noise_std": 0.2,
-            "slice_dropout": 0.8,
-        }
-        for f in fields(self):
-            high = 1.0 if f.name.startswith("p_") else limits.get(f.name)
-            if high is not None and not 0.0 <= getattr(self, f.name) <= high:
-                raise ValueError(f"augment.{f.name} must be in [0, {high:g}]")
-
-
-@dataclass(frozen=True)
 class OptimConfig:
     """Optimisation schedule."""
 
@@ -255,7 +211,8 @@ class RunConfig:
     # early stopping then also watches
     mode: str = "max"  # "max" or "min" for run.metric
     seed: int = 0  # model init and dropout seed (ranks add their rank)
-    tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (local storage only)
+    tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (on object storage:
+    # written locally and copied there by rank 0 after every epoch)
     overlays: int = 4  # segmentation overlays logged to TensorBoard per epoch, >= 0
 
     def __post_init__(self) -> None:
@@ -385,7 +342,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig, metadata=RESUMABLE)
     synth: SynthConfig = field(default_factory=SynthConfig, metadata=RESUMABLE)

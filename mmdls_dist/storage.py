@@ -49,7 +49,9 @@ def absolute(path: str) -> str:
 
 
 def _fs(url: str):
-    return fsspec.core.url_to_fs(str(url))
+    # No listings cache: other processes (Ray Train's workers, another node) write the same
+    # prefixes, and a cached listing would hide their new checkpoints.
+    return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
 
 
 def exists(url: str) -> bool:
@@ -104,6 +106,20 @@ def open_file(url: str, mode: str = "rb") -> IO:
     if local is not None:
         return open(local, mode, buffering=1 << 20 if "b" in mode else -1)  # noqa: SIM115
     return fsspec.open(str(url), mode).open()
+
+
+def upload(local: Path, url: str) -> None:
+    """Copy one local file to `url` (a local path or an object-store URL), replacing it."""
+    target = local_path(url)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.resolve() != local.resolve():
+            tmp = target.with_name(target.name + ".partial")
+            tmp.write_bytes(local.read_bytes())
+            tmp.replace(target)
+        return
+    fs, path = _fs(url)
+    fs.put_file(str(local), path)
 
 
 def makedirs(url: str) -> None:

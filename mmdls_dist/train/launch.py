@@ -124,23 +124,32 @@ SUMMARY_METRICS = (
 
 
 def summary_text(cfg: Config, result, oracle: dict[str, float]) -> str:
-    """The end of a run for a terminal: validation metrics (beside the synthetic oracle
-    where there is one), where the checkpoints, TensorBoard logs and the report are."""
-    from mmdls_dist.train.loop import local_run_dir
+    """The end of a run for a terminal: the validation metrics of the checkpoint evaluate
+    and predict will use (best.json), the last epoch's beside them where that is another
+    one, the synthetic oracle where there is one; where the checkpoints, TensorBoard logs
+    and the report are."""
     from mmdls_dist.train.tensorboard import tensorboard_dir
 
-    metrics = result.metrics or {}
+    last = result.metrics or {}
+    best_url = storage.join(run_url(cfg), checkpoint.BEST)
+    best = storage.read_json(best_url)["metrics"] if storage.exists(best_url) else last
+    columns = [(f"epoch {best.get('epoch', -1) + 1}", best)]
+    if best.get("epoch") != last.get("epoch"):
+        columns.append((f"last ({last.get('epoch', -1) + 1})", last))
+    head = "".join(f"{label:>12}" for label, _ in columns)
     lines = [
-        f"\nrun {cfg.run.name!r}: {metrics.get('epoch', -1) + 1} epochs, "
-        f"{metrics.get('global_step', 0)} optimizer steps",
-        f"{'validation metric':<22}{'model':>8}{'oracle':>9}",
+        f"\nrun {cfg.run.name!r}: {last.get('epoch', -1) + 1} epochs, "
+        f"{last.get('global_step', 0)} optimizer steps; deployed: the checkpoint of "
+        f"{columns[0][0]} (run.metric {cfg.run.metric})",
+        f"{'validation metric':<22}{head}{'oracle':>9}",
     ]
     for key in SUMMARY_METRICS:
         ref = f"{oracle[key]:9.3f}" if key in oracle else f"{'':>9}"
-        lines.append(f"  {key:<20}{metrics.get(f'val/{key}', float('nan')):8.3f}{ref}")
-    board = tensorboard_dir(cfg, local_run_dir(cfg))
+        cells = "".join(f"{m.get(f'val/{key}', float('nan')):12.3f}" for _, m in columns)
+        lines.append(f"  {key:<20}{cells}{ref}")
+    board = tensorboard_dir(cfg)
     lines += [
-        f"checkpoints : {run_url(cfg)}  (best: {checkpoint.BEST})",
+        f"checkpoints : {run_url(cfg)}  (deployed: {checkpoint.BEST})",
         f"tensorboard : tensorboard --logdir {board}",
         f"report      : python jobs/evaluate.py {run_url(cfg)}   (metrics.json + report.html)",
     ]

@@ -1,9 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank (launch.py starts it).
 
 Flow: config dict (what Ray carries) -> rebuilt in each worker -> loaders, model, losses,
-optimizer -> per step Batch -> augmented Batch (train/augment.py) -> ModelOutput ->
-LossOutput -> per epoch metrics -> ray.train.report (+ checkpoint from rank 0) ->
-TensorBoard and the driver.
+optimizer -> per step Batch -> ModelOutput -> LossOutput -> per epoch metrics ->
+ray.train.report (+ checkpoint from rank 0) -> TensorBoard and the driver.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from mmdls_dist.data.shards import ShardError, data_manifest, manifest_hash
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import prediction_records
 from mmdls_dist.train import checkpoint
-from mmdls_dist.train.augment import Augment
 from mmdls_dist.train.chaos import Chaos
 from mmdls_dist.train.distributed import all_gather_object, gather_with_grad, rank_and_world
 from mmdls_dist.train.losses import TaskWeighting, compute_losses
@@ -116,7 +114,6 @@ class Trainer:
         self.amp_dtype, use_scaler = amp_settings(cfg.optim.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.progress = checkpoint.Progress()
-        self.augment = Augment(cfg.augment, cfg.run.seed, rank)
         self.identity = {
             "config": to_dict(cfg),
             "manifest_hash": manifest_hash(self.manifest),
@@ -200,7 +197,7 @@ class Trainer:
         t0 = tick = time.perf_counter()
         for i, batch in enumerate(self.train_loader):
             waited += time.perf_counter() - tick
-            batch = self.augment(batch.to(self.device), epoch, i)
+            batch = batch.to(self.device)
             last = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
             for key, value in self.step(batch, gt_weight, last).items():
                 sums[key] += value
@@ -332,7 +329,7 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
             "resumed at epoch %d (step %d) from %s", progress.epoch, progress.global_step, start
         )
     chaos = Chaos(cfg.chaos, rank, run)
-    board = EpochLogger(cfg, local_run_dir(cfg)) if rank == 0 else None
+    board = EpochLogger(cfg) if rank == 0 else None
     while trainer.progress.epoch < cfg.optim.epochs:
         epoch = trainer.progress.epoch
         if rank == 0:

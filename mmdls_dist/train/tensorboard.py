@@ -1,26 +1,35 @@
 """TensorBoard logging from rank 0: every scalar of an epoch's metrics and a few
-segmentation overlays (CT in gray, predicted lesion in red, ground-truth lesion in green)."""
+segmentation overlays (CT in gray, predicted lesion in red, ground-truth lesion in green).
+
+The event files live with the run: <run>/tensorboard. On local or NFS storage the writer
+writes there directly; on object storage (s3://, gs://) it writes to a local temporary
+folder and rank 0 copies its event files to the run's storage after every epoch, so they
+outlive the node (spot preemption, `ray down`, a finished RayJob). A resumed run writes a
+new event file beside the old ones; TensorBoard reads them as one run.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from mmdls_dist import storage
 from mmdls_dist.config import Config
 
 log = logging.getLogger(__name__)
 
 
-def tensorboard_dir(cfg: Config, run_dir: Path | None) -> Path:
+def tensorboard_dir(cfg: Config) -> str:
+    """Where a run's event files are: run.tensorboard_dir, else <run>/tensorboard (a local
+    folder or an object-store URL)."""
     if cfg.run.tensorboard_dir:
-        return Path(cfg.run.tensorboard_dir)
-    if run_dir is None:
-        # Object-store runs: event files stay on rank 0's node (TensorBoard wants a folder).
-        return Path("mmdls-work") / "tensorboard" / cfg.run.name
-    return run_dir / "tensorboard"
+        return storage.absolute(cfg.run.tensorboard_dir)
+    return storage.join(cfg.run.storage_path, cfg.run.name, "tensorboard")
 
 
 def overlays(batch, out, count: int) -> torch.Tensor:
@@ -39,11 +48,14 @@ def overlays(batch, out, count: int) -> torch.Tensor:
 
 
 class EpochLogger:
-    def __init__(self, cfg: Config, run_dir: Path | None):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dir = tensorboard_dir(cfg, run_dir)
+        self.target = tensorboard_dir(cfg)
+        local = storage.local_path(self.target)
+        self.remote = local is None  # object storage: write locally, copy each epoch
+        self.dir = Path(tempfile.mkdtemp(prefix="mmdls-tb-")) if self.remote else local
         self.writer = SummaryWriter(log_dir=str(self.dir))
-        log.info("TensorBoard logs: %s", self.dir)
+        log.info("TensorBoard logs: %s", self.target)
 
     def log(self, metrics: dict, step: int, batch, out) -> None:
         for key, value in metrics.items():
@@ -54,6 +66,16 @@ class EpochLogger:
             images = overlays(batch, out, self.cfg.run.overlays)
             self.writer.add_images("val/overlay_lesion", images, step)
         self.writer.flush()
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy this writer's event files to the run's storage (object storage only)."""
+        if self.remote:
+            for path in sorted(self.dir.glob("events.out.tfevents.*")):
+                storage.upload(path, storage.join(self.target, path.name))
 
     def close(self) -> None:
         self.writer.close()
+        if self.remote:
+            self.sync()
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from helpers import TINY_TRAIN, train_config
 
+from mmdls_dist import storage
 from mmdls_dist.config import load_config
 from mmdls_dist.train.launch import fit
 from mmdls_dist.train.tune import load_sweep, run_sweep
@@ -138,17 +139,24 @@ def test_restarting_a_finished_sweep_resumes_instead_of_rerunning(sweep_result):
     assert sorted(runs.rglob("*")) == before
 
 
-def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, tmp_path):
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_an_interrupted_sweep_resumes_where_it_stopped(
+    ray_session, shard_dir, tmp_path, request, where
+):
     """The sweep's driver is killed (SIGKILL) after its first trial has finished; running
     the same sweep name again restores it: the finished trial is not run again, the others
-    complete."""
+    complete. On a local folder and on the S3 API (the sweep, its trials and their Train
+    runs all in the bucket)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    cfg = base(shard_dir, tmp_path)
+    store = str(tmp_path)
+    if where == "s3":
+        store = f"{request.getfixturevalue('s3_bucket')}/sweeps/{tmp_path.name}"
+    cfg = base(shard_dir, store)
     spec = write_sweep(
         tmp_path / "two.yaml",
         num_samples=1,
@@ -163,7 +171,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, t
             "run.num_workers=1",
             "optim.epochs=2",
             "run.max_failures=0",
-            f"run.storage_path={tmp_path}",
+            f"run.storage_path={store}",
         )
     ]
     # The driver joins the shared local Ray, as `ray job submit` would join a cluster.
@@ -191,7 +199,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, t
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    root = tmp_path / "cut"
+    root = storage.join(store, "cut")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not finished_trials(root):
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
@@ -206,18 +214,20 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_session, shard_dir, t
     table = summary["table"]
     assert len(table) == 2 and (table.status == "ok").all() and (table.epochs == 2).all()
     # The trial finished before the interruption kept its single run of 2 epochs.
-    progress = pd.read_csv(root / done_before[0] / "progress.csv")
-    assert len(progress) == 2
+    progress = storage.read_text(storage.join(root, done_before[0], "progress.csv"))
+    assert len(progress.strip().splitlines()) == 3  # header + its 2 epochs
 
 
-def finished_trials(root) -> list[str]:
-    """Trial folders whose progress.csv holds both epochs."""
+def finished_trials(root: str) -> list[str]:
+    """Trial folders (local or in a bucket) whose progress.csv holds both epochs."""
     out = []
-    for trial in sorted(root.glob("train_trial_*")) if root.exists() else []:
-        progress = trial / "progress.csv"
-        if progress.exists() and len(progress.read_text().strip().splitlines()) >= 3:
-            out.append(trial.name)
-    return out
+    for trial in storage.list_names(root, dirs=True):
+        if not trial.startswith("train_trial_"):
+            continue
+        progress = storage.join(root, trial, "progress.csv")
+        if storage.exists(progress) and len(storage.read_text(progress).strip().splitlines()) >= 3:
+            out.append(trial)
+    return sorted(out)
 
 
 def test_a_sweep_and_an_evaluation_side_by_side_both_finish(sweep_result, shard_dir, tmp_path):

@@ -106,3 +106,33 @@ def test_a_checkpoint_with_code_is_refused_in_one_line(tmp_path, capsys, caplog)
     (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert error.getMessage() == message and "\n" not in message
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_run_summary_shows_the_deployed_checkpoint_beside_the_last_epoch(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from mmdls_dist.train.launch import summary_text
+
+    cfg = load_config(
+        "debug", [f"run.storage_path={tmp_path}", "run.name=r", "run.metric=val/cindex_os"]
+    )
+    last = {"epoch": 5, "global_step": 60, "val/cindex_os": 0.61, "val/cindex_dfs": 0.58}
+    best = {"epoch": 2, "global_step": 30, "val/cindex_os": 0.66, "val/cindex_dfs": 0.55}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / checkpoint.BEST).write_text(
+        json.dumps({"checkpoint": "c", "metric": "val/cindex_os", "metrics": best})
+    )
+    text = summary_text(cfg, SimpleNamespace(metrics=last), {"cindex_os": 0.75})
+    assert "6 epochs, 60 optimizer steps; deployed: the checkpoint of epoch 3" in text
+    row = next(line.split() for line in text.splitlines() if line.strip().startswith("cindex_os"))
+    assert row[1:] == ["0.660", "0.610", "0.750"]  # deployed, last, oracle
+    (tmp_path / "r" / checkpoint.BEST).write_text(
+        json.dumps({"checkpoint": "c", "metric": "epoch", "metrics": last})
+    )
+    row = next(
+        line.split()
+        for line in summary_text(cfg, SimpleNamespace(metrics=last), {}).splitlines()
+        if line.strip().startswith("cindex_dfs")
+    )
+    assert row[1:] == ["0.580"]  # the last epoch is the deployed one: one column
