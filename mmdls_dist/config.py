@@ -200,7 +200,11 @@ class RunConfig:
 
     name: str = "mmdls"  # run name; starting the same name again resumes it
     storage_path: str = "mmdls-work/runs"  # local folder or s3:// / gs:// URI
-    num_workers: int = 2  # DDP ranks (Ray Train workers), >= 1
+    num_workers: int = 2  # DDP ranks (Ray Train workers), >= 1; with min_workers, the most
+    min_workers: int = 0  # > 0: elastic (Ray Train's ScalingConfig(num_workers=(min, max))):
+    # start with as many workers as the cluster holds, at least this many, and grow towards
+    # num_workers as nodes join (each resize resumes from the last checkpoint); 0 = fixed
+    resize_interval_s: float = 60.0  # elastic: how often Ray Train considers a resize, > 0
     use_gpu: bool = False  # one GPU per worker when True
     cpus_per_worker: float = 1.0  # CPUs reserved per worker, > 0
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
@@ -220,6 +224,10 @@ class RunConfig:
             raise ValueError("run.name must be non-empty and contain no '/'")
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError("run.num_workers must be >= 1 and run.cpus_per_worker > 0")
+        if not 0 <= self.min_workers <= self.num_workers or self.resize_interval_s <= 0:
+            raise ValueError(
+                "run.min_workers must be in [0, run.num_workers] and run.resize_interval_s > 0"
+            )
         if self.max_failures < 0 or self.checkpoints_to_keep < 0 or self.overlays < 0:
             raise ValueError("run.max_failures, checkpoints_to_keep and overlays must be >= 0")
         choice("run.mode", self.mode, ("max", "min"))

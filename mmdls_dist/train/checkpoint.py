@@ -192,10 +192,13 @@ def newest_complete(run: str) -> str | None:
     return max(done, key=lambda url: (steps[url], url), default=None)
 
 
-def log_execution(run: str, epoch: int, global_step: int) -> None:
-    """One line in executions.jsonl: epoch `epoch` starts here (at `global_step`)."""
+def log_execution(run: str, epoch: int, global_step: int, world: int = 1) -> None:
+    """One line in executions.jsonl: epoch `epoch` starts here (at `global_step`, with
+    `world` workers)."""
     url = storage.join(run, EXECUTIONS)
-    line = json.dumps({"epoch": epoch, "global_step": global_step, "time": time.time()})
+    line = json.dumps(
+        {"epoch": epoch, "global_step": global_step, "world": world, "time": time.time()}
+    )
     old = storage.read_text(url) if storage.exists(url) else ""
     storage.write_text(url, old + line + "\n")
 

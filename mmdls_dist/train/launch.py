@@ -40,11 +40,17 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
+    workers = cfg.run.num_workers
+    if 0 < cfg.run.min_workers < workers:
+        workers = (cfg.run.min_workers, workers)  # elastic
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+            num_workers=workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
         ),
         run_config=RayRunConfig(
             name=cfg.run.name,

@@ -333,7 +333,7 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
     while trainer.progress.epoch < cfg.optim.epochs:
         epoch = trainer.progress.epoch
         if rank == 0:
-            checkpoint.log_execution(run, epoch, trainer.progress.global_step)
+            checkpoint.log_execution(run, epoch, trainer.progress.global_step, world)
         metrics = trainer.train_epoch(epoch, chaos)
         chaos("validation", trainer.progress.global_step)
         val, _, first_batch, first_out = trainer.evaluate()

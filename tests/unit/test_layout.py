@@ -98,3 +98,15 @@ def test_license_is_an_spdx_expression_with_its_file():
     assert project["license"] == "Apache-2.0"
     assert project["license-files"] == ["LICENSE"]
     assert "Apache License" in (PACKAGE.parent / "LICENSE").read_text()[:200]
+
+
+def test_the_torch_floor_is_what_torchsurv_needs():
+    import importlib.metadata as md
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    ours = next(d for d in project["dependencies"] if re.match(r"torch\b(?!surv)", d))
+    theirs = next(r for r in md.requires("torchsurv") if re.match(r"torch\b(?!surv|metrics)", r))
+    assert re.search(r">=\s*([\d.]+)", ours)[1] == re.search(r">=\s*([\d.]+)", theirs)[1]

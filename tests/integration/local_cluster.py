@@ -1,0 +1,170 @@
+"""A multi-node Ray cluster on this machine for the tests: a head and extra nodes, each a
+`ray start --block` process of its own (its own raylet and object store) with its own
+ports on 127.0.0.1 and its own custom resources. The tests stop exactly what they started:
+every node by the pid of its `ray start`, a node's loss by the pid of its raylet."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant process of `pid` (from /proc)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir = log_dir
+        self.nodes: list[subprocess.Popen] = []
+        self.gcs_port, self.dashboard_port = free_ports(2)
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # Token auth off: the cluster listens on 127.0.0.1 only and lives for one test.
+        # Its own API server address pinned, as parallel.init_ray pins a local Ray's: with
+        # another Ray on the machine (the test session's), Ray Train's placement-group
+        # cleaner would otherwise pick one of the two.
+        self.env = {
+            **env,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_API_SERVER_ADDRESS": self.dashboard,
+        }
+        self.env.pop("RAY_ADDRESS", None)
+
+    def _start(self, name: str, args: list[str], cpus: int, resources: dict) -> subprocess.Popen:
+        node_manager, object_manager, agent, agent_grpc, metrics, runtime_env, low = free_ports(7)
+        cmd = [
+            RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+            f"--min-worker-port={low}", f"--max-worker-port={low + 40}",
+            "--object-store-memory=150000000",
+            *args,
+        ]  # fmt: skip
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (lives with the node)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env, start_new_session=True)
+        self.nodes.append(proc)
+        return proc
+
+    def start_head(self, cpus: int, resources: dict) -> subprocess.Popen:
+        (client_port,) = free_ports(1)
+        proc = self._start(
+            "head",
+            [
+                "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                f"--ray-client-server-port={client_port}",
+            ],
+            cpus, resources,
+        )  # fmt: skip
+        self.wait_for(lambda s: s.get("alive", 0) >= 1, 90)
+        return proc
+
+    def add_node(self, name: str, cpus: int, resources: dict) -> subprocess.Popen:
+        before = self.status().get("alive", 0)
+        proc = self._start(name, [f"--address={self.address}"], cpus, resources)
+        self.wait_for(lambda s: s.get("alive", 0) > before, 90)
+        return proc
+
+    def raylet_pid(self, node: subprocess.Popen) -> int:
+        pids = [p for p in children(node.pid) if "/raylet/raylet" in command_of(p)]
+        assert len(pids) == 1, f"raylets of node {node.pid}: {pids}"
+        return pids[0]
+
+    def kill_raylet(self, node: subprocess.Popen) -> None:
+        """The node's loss: SIGKILL its raylet, then at once everything else that node ran
+        (its workers die with the machine), then reap its `ray start`."""
+        kids = children(node.pid)
+        os.kill(self.raylet_pid(node), signal.SIGKILL)
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._stop(node)
+
+    def status(self) -> dict:
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+            "print(json.dumps({'alive': sum(n['Alive'] for n in ray.nodes()),"
+            " 'resources': ray.cluster_resources()}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=self.env
+        )
+        try:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return {}
+
+    def wait_for(self, ok, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status and ok(status):
+                return status
+            time.sleep(1)
+        raise TimeoutError(f"cluster not ready in {timeout:.0f} s: {self.status()}")
+
+    def _stop(self, node: subprocess.Popen) -> None:
+        """SIGTERM the node's `ray start --block` (it stops its processes), SIGKILL what is
+        left of its descendants after 20 s. Only processes this cluster started."""
+        kids = children(node.pid)
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self._stop(node)
