@@ -38,8 +38,6 @@ def test_launcher_config_validates_against_rays_schema(path):
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
 def test_launcher_config_is_secure_and_pinned(path):
     config = yaml.safe_load(path.read_text())
-    major_minor = ".".join(ray.__version__.split(".")[:2])
-    assert config["docker"]["image"].startswith(f"rayproject/ray:{major_minor}.")
     head = " ".join(config["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
     assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
@@ -53,6 +51,47 @@ def test_launcher_config_is_secure_and_pinned(path):
         for name, t in types.items()
         if name != config["head_node_type"]
     )
+
+
+def test_every_cluster_file_runs_the_one_project_image():
+    """One source of truth: the Dockerfile installs the package (so pyproject's dependency
+    list) on the Ray base image the project pins; every launcher and the KubeRay manifest
+    run that image and pip-install nothing at boot; the versions agree."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\d+\.\d+)\.(\d+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
+    assert base, "the Dockerfile builds on a pinned Ray GPU image"
+    ray_pin = next(d for d in project["dependencies"] if d.startswith("ray["))
+    assert ray_pin.endswith(f"=={base[1]}.*") and ray.__version__.startswith(f"{base[1]}.")
+    floor = tuple(int(x) for x in project["requires-python"].removeprefix(">=").split("."))
+    assert (int(base[3]), int(base[4])) >= floor
+    assert 'pip install --no-cache-dir ".[cloud]"' in dockerfile  # the package, its deps
+    bootstrap_torch = re.search(r"torch==[\d.]+", (ROOT / "scripts/bootstrap.sh").read_text())
+    assert f'"{bootstrap_torch[0]}"' in dockerfile  # the torch the tests run with
+    images = set()
+    for path in LAUNCHER:
+        config = yaml.safe_load(path.read_text())
+        images.add(config["docker"]["image"])
+        assert not any("pip" in c for c in config.get("setup_commands") or [])
+        if config["provider"]["type"] == "aws":  # never Ray's old default AMI
+            assert all(
+                "ImageId" in t["node_config"] for t in config["available_node_types"].values()
+            )
+    for path in KUBERAY:
+        for doc in (d for d in yaml.safe_load_all(path.read_text()) if d):
+            if doc["kind"] not in ("RayJob", "RayCluster"):
+                continue
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            assert spec["rayVersion"] == f"{base[1]}.{base[2]}"
+            groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+            if any("maxReplicas" in g for g in spec["workerGroupSpecs"]):
+                assert spec.get("enableInTreeAutoscaling") is True
+            if doc["kind"] == "RayJob":
+                assert doc["spec"]["entrypoint"].split()[1].startswith("/")  # absolute
+    assert images == {f"REPLACE_WITH_REGISTRY/mmdls-dist:{project['version']}"}
 
 
 def _is_spot(node: dict) -> bool:
