@@ -21,7 +21,7 @@ def init_ray(
     address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
 ) -> None:
     """Join a cluster (RAY_ADDRESS / `address`, as under `ray job submit`) or start a local
-    Ray of this command's own.
+    Ray of this command's own (never silently another cluster on this machine).
 
     A local Ray is pinned to its own API server address for everything it starts. Two
     commands on one machine (a sweep, and an evaluation in another terminal) run two local
@@ -40,7 +40,10 @@ def init_ray(
     port = _free_port()
     # Set before ray.init: its raylet, and so every worker and actor, inherits it.
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # address="local": a Ray of its own even where `ray start` runs a cluster on this
+    # machine (a bare ray.init() would join that one, and die with it).
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         log_to_driver=log_to_driver,
         dashboard_host="127.0.0.1",

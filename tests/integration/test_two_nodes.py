@@ -145,3 +145,18 @@ def test_an_elastic_run_grows_when_a_node_joins(cluster, s3_bucket, shard_dir, t
     assert sorted({e["epoch"] for e in runs}) == list(range(epochs))
     metrics = job.checkpoint_metrics()
     assert sorted(m["epoch"] for m in metrics) == list(range(epochs))  # each written once
+
+
+def test_a_command_beside_a_running_cluster_starts_a_ray_of_its_own(cluster):
+    """Without RAY_ADDRESS a command never joins another cluster on the machine (a bare
+    ray.init() would, and the command would die with that cluster)."""
+    code = (
+        "import ray; from mmdls_dist.parallel import init_ray; init_ray(num_cpus=1); "
+        "print('GCS', ray.get_runtime_context().gcs_address)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    gcs = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("GCS"))
+    assert gcs.rsplit(":", 1)[1] != str(cluster.gcs_port)
