@@ -14,9 +14,11 @@ from helpers import train_config
 
 from mmdls_dist.cli import main
 from mmdls_dist.config import EvalConfig
+from mmdls_dist.data.schema import STAGES
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.evaluate import run_evaluation
 from mmdls_dist.evaluation.predict import run_prediction
+from mmdls_dist.metrics.classification import macro_ovr_auc
 from mmdls_dist.parallel import ray_mapper
 from mmdls_dist.train.launch import fit
 
@@ -74,16 +76,23 @@ def test_report_has_every_split_center_and_model(evaluation, shard_dir):
 
 
 def test_training_validation_metrics_equal_the_reports(trained_run, evaluation):
-    """One implementation per metric: what the run reported for its best epoch on the
+    """One implementation per metric: what the run reported for its deployed epoch on the
     validation split is what the report computes for that checkpoint and split."""
-    _, metrics = evaluation
+    out, metrics = evaluation
     best = json.loads((trained_run / "best.json").read_text())
     reported = json.loads((trained_run / best["checkpoint"] / "metrics.json").read_text())
     report = metrics["models"]["best"]["splits"]["val"]["all"]
     assert reported["val/cindex_os"] == pytest.approx(report["os"]["harrell_c"], abs=1e-9)
     assert reported["val/cindex_dfs"] == pytest.approx(report["dfs"]["harrell_c"], abs=1e-9)
     assert reported["val/auc_histology"] == pytest.approx(report["histology"]["auc"], abs=1e-9)
-    assert reported["val/auc_stage"] == pytest.approx(report["stage"]["macro_auc"], abs=1e-9)
+    # The report scores the temperature-scaled stage probabilities, and one temperature
+    # can reorder a class's probabilities across patients (a one-vs-rest AUC moves, the
+    # argmax does not): the training-time value is the metric of the unscaled ones.
+    val = pd.read_csv(out / "predictions-best.csv").query("split == 'val'")
+    raw = val[[f"stage_prob_{s}_uncalibrated" for s in STAGES]].to_numpy()
+    assert reported["val/auc_stage"] == pytest.approx(
+        macro_ovr_auc(raw, val["stage"].to_numpy()), abs=1e-9
+    )
 
 
 def test_predictions_cover_each_patient_once_and_cutpoints_come_from_train(evaluation, shard_dir):
