@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig, PrepConfig
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
@@ -160,8 +161,7 @@ def run_prediction(
 
 def _write(table: pd.DataFrame, manifest: dict, out_csv: str | Path) -> pd.DataFrame:
     table = with_rejected(table, manifest)
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_csv, index=False)
+    storage.write_text(str(out_csv), table.to_csv(index=False))  # a local file or a URL
     return table
 
 

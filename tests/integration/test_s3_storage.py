@@ -49,8 +49,13 @@ def test_a_run_lives_in_the_bucket(s3_run):
     assert fs.size(events[0]) > 0
 
 
-def test_evaluate_and_predict_read_the_run_and_shards_from_the_bucket(s3_run, tmp_path):
+def test_evaluate_and_predict_read_the_run_and_shards_from_the_bucket(
+    s3_run, tmp_path, monkeypatch
+):
     _, shards, run, _ = s3_run
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # nothing of a bucket URL may land in the working folder
     cfg = EvalConfig(bootstrap=5, min_center_patients=2, parts=1, batch_size=4)
     metrics = run_evaluation({"s3": run}, shards, tmp_path / "eval", cfg, ray_mapper("e"))
     manifest = load_manifest(shards)
@@ -63,6 +68,7 @@ def test_evaluate_and_predict_read_the_run_and_shards_from_the_bucket(s3_run, tm
         run, out, cfg, lambda d: serial_mapper(d), shards=shards, split="external"
     ).set_index("patient_id")
     assert storage.exists(out)
+    assert list(here.iterdir()) == []  # e.g. no local "s3:/..." folder made from the URL
     assert (table["status"] == "ok").all()
     ids = table.index
     pd.testing.assert_series_equal(
