@@ -109,15 +109,10 @@ def open_file(url: str, mode: str = "rb") -> IO:
 
 
 def upload(local: Path, url: str) -> None:
-    """Copy one local file to `url` (a local path or an object-store URL), replacing it."""
+    """Copy one local file to `url` (an object-store URL or a local path), replacing it."""
     target = local_path(url)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.resolve() != local.resolve():
-            tmp = target.with_name(target.name + ".partial")
-            tmp.write_bytes(local.read_bytes())
-            tmp.replace(target)
-        return
     fs, path = _fs(url)
     fs.put_file(str(local), path)
 

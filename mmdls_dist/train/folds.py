@@ -12,13 +12,12 @@ restoring.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from mmdls_dist import storage
 from mmdls_dist.config import Config, from_dict, to_dict, with_values
 from mmdls_dist.train.launch import fit
-from mmdls_dist.train.tune import Sweep, concurrent_trials
+from mmdls_dist.train.tune import Sweep, concurrent_trials, without_driver_share
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +25,10 @@ DRIVER_CPUS = 0.01  # what a fold trial's own process takes (it only waits on it
 
 
 def fold_config(base: Config, k: int, driver_cpus: float = 0.0) -> Config:
-    """Fold k's run: data.fold = k, named NAME-foldk; a trial's workers give up its
-    driver's CPU sliver between them (as a sweep trial's do, tune.trial_config)."""
+    """Fold k's run: data.fold = k, named NAME-foldk; as a Tune trial, its workers without
+    the trial driver's share (as a sweep trial's, tune.without_driver_share)."""
     cfg = with_values(base, {"data.fold": k, "run.name": f"{base.run.name}-fold{k}"})
-    if driver_cpus:
-        per_worker = max(cfg.run.cpus_per_worker - driver_cpus / cfg.run.num_workers, 0.01)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, cpus_per_worker=per_worker))
-    return cfg
+    return without_driver_share(cfg, driver_cpus) if driver_cpus else cfg
 
 
 def at_once(cfg: Config, folds: int, resources: dict[str, float]) -> int:
@@ -40,12 +36,10 @@ def at_once(cfg: Config, folds: int, resources: dict[str, float]) -> int:
     return min(folds, concurrent_trials(cfg, resources, Sweep()))
 
 
-def _fit_fold(base: dict, k: int, driver_cpus: float = 0.0):
-    cfg = fold_config(from_dict(Config, base), k, driver_cpus)
-    result = fit(cfg)
+def _fit_fold(base: dict, k: int, driver_cpus: float = 0.0) -> None:
+    result = fit(fold_config(from_dict(Config, base), k, driver_cpus))
     if result.error:
         raise RuntimeError(f"training fold {k} failed: {result.error}")
-    return cfg, result
 
 
 def _concurrently(cfg: Config, folds: int, limit: int) -> None:

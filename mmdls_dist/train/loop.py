@@ -13,7 +13,6 @@ import math
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -253,12 +252,6 @@ def score_of(metrics: dict, cfg: Config) -> float:
 
 def improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
-
-
-def local_run_dir(cfg: Config) -> Path | None:
-    """The run folder when storage is local (chaos markers, TensorBoard), else None."""
-    local = storage.local_path(cfg.run.storage_path)
-    return None if local is None else local / cfg.run.name
 
 
 def setup_worker_logging(rank: int) -> None:

@@ -140,23 +140,27 @@ def concurrent_trials(cfg: Config, resources: dict[str, float], sweep: Sweep) ->
     return max(1, int(math.floor(have / need + 1e-9)))
 
 
+def without_driver_share(cfg: Config, driver_cpus: float) -> Config:
+    """The run's workers give up a trial driver's CPU sliver between them, so a trial needs
+    exactly what a plain Train run needs (else 2 workers on a 2-CPU machine plus the
+    driver would never be scheduled)."""
+    per_worker = max(cfg.run.cpus_per_worker - driver_cpus / cfg.run.num_workers, 0.01)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, cpus_per_worker=per_worker))
+
+
 def trial_config(
     base: dict, sample: dict, sweep_name: str, trial_name: str, driver_cpus: float = 0.0
 ) -> Config:
     """The trial's full config: base + sampled values; the Train run is named after the
-    trial and stored under the sweep (so a restored sweep resumes its unfinished runs).
-    Its workers give up the trial driver's CPU sliver between them, so a trial needs
-    exactly what a plain Train run needs (else 2 workers on a 2-CPU machine plus the
-    driver would never be scheduled)."""
+    trial and stored under the sweep (so a restored sweep resumes its unfinished runs),
+    its workers without the driver's share (without_driver_share)."""
     cfg = with_values(from_dict(Config, base), sample)
-    per_worker = cfg.run.cpus_per_worker - driver_cpus / cfg.run.num_workers
     run = dataclasses.replace(
         cfg.run,
         name=trial_name,
         storage_path=storage.join(cfg.run.storage_path, sweep_name, "train-runs"),
-        cpus_per_worker=max(per_worker, 0.01),
     )
-    return dataclasses.replace(cfg, run=run)
+    return without_driver_share(dataclasses.replace(cfg, run=run), driver_cpus)
 
 
 def release_placement_groups(train_runs: str):
