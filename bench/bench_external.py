@@ -30,10 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import bench_train  # this folder's: the shared benchmark config
 import numpy as np
 import pandas as pd
 
-from mmdls_dist.config import Config, EvalConfig, load_config, with_values
+from mmdls_dist.config import Config, EvalConfig, with_values
 from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.prepare import resolve_data, synthetic_oracle
 from mmdls_dist.data.shards import load_manifest
@@ -52,29 +53,16 @@ EXTERNAL = {"classic": "HOSP-B", "findings": "HOSP-C"}  # the most shifted of HO
 
 
 def bench_config(args: argparse.Namespace) -> Config:
-    return load_config(
-        "debug",
-        [
-            f"synth.style={args.style}",
-            f"synth.patients={args.patients}",
-            f"synth.centers={args.centers}",
-            f"synth.image_size={args.size}",
-            f"prep.image_size={args.size}",
-            "synth.min_slices=8",
-            "synth.max_slices=16",
-            f"prep.external_centers=[{args.external or EXTERNAL[args.style]}]",
-            f"prep.folds={args.folds}",
-            "prep.test_fraction=0.0",
-            f"data.max_slices={args.slices}",
-            f"data.batch_size={args.batch}",
-            f"optim.epochs={args.epochs}",
-            f"optim.lr={args.lr}",
-            "optim.warmup_epochs=1",
-            "run.checkpoints_to_keep=1",
-            "run.max_failures=0",
-            f"run.storage_path={Path(args.out).resolve() / 'runs'}",
-            *args.set,
-        ],
+    """bench_train's cohort, schedule and run settings, plus this benchmark's style, held-out
+    center and folds (no test split); the --set overrides still come last."""
+    return bench_train.bench_config(
+        args,
+        f"synth.style={args.style}",
+        f"synth.centers={args.centers}",
+        f"prep.external_centers=[{args.external or EXTERNAL[args.style]}]",
+        f"prep.folds={args.folds}",
+        "prep.test_fraction=0.0",
+        *args.set,
     )
 
 
