@@ -74,16 +74,28 @@ def cmd_synth(args: argparse.Namespace, cfg: Config) -> int:
     arg("--report", help="also write the full report as JSON"),
     arg("--no-pixels", action="store_true", help="skip decoding PNGs (tables only)"),
     arg("--max-defects", type=int, default=200, help="defects printed"),
+    arg(
+        "--for-prediction",
+        action="store_true",
+        help="new patients for `mmdls predict`: outcome columns and lung/ folders may be "
+        "absent (predict's rules)",
+    ),
     *EXECUTOR,
     settings=False,
 )
 def cmd_ingest(args: argparse.Namespace, cfg: None) -> int:
     """Read DATA_ROOT (docs/RAW_LAYOUT.md) and report every defect with file, patient and
-    field. Exit 1 if there are defects."""
+    field. Exit 1 if there are defects. With --for-prediction, the folder is checked as
+    `mmdls predict --data` reads it."""
     from mmdls_dist.data.ingest import read_cohort
 
     mapper = _mapper(args, "check images")
-    report = read_cohort(args.raw, check_pixels=not args.no_pixels, mapper=mapper)
+    report = read_cohort(
+        args.raw,
+        check_pixels=not args.no_pixels,
+        mapper=mapper,
+        for_prediction=args.for_prediction,
+    )
     print(report.summary(max_defects=args.max_defects))
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=1))
@@ -172,42 +184,60 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     K, prep.folds) train every fold as runs NAME-fold0.. (as many at once as the cluster
     holds, as Tune trials) and write the ensemble NAME (each fold run resumes like any
     run)."""
-    from mmdls_dist.config import dump_yaml, with_values
+    from mmdls_dist.config import with_values
     from mmdls_dist.data.prepare import synthetic_oracle
     from mmdls_dist.data.shards import load_manifest
-    from mmdls_dist.train.launch import fit, summary_text
+    from mmdls_dist.evaluation.reference import fit_and_store
+    from mmdls_dist.train.launch import fit, run_url, summary_text
 
     if args.folds is not None:
         cfg = with_values(cfg, {"prep.folds": args.folds})
     cfg, truth, raw = _with_data(cfg, args)
-    log.info("resolved config:\n%s", dump_yaml(cfg))
+    _print_changes(cfg, args.config)
     folds = load_manifest(cfg.data.shards)["prep"].get("folds", 0)
     if args.folds is not None and folds != args.folds:
         raise ValueError(f"--folds {args.folds}, but {cfg.data.shards} holds {folds} folds")
     if folds and cfg.data.fold < 0:
-        return _train_folds(cfg, folds)
+        return _train_folds(cfg, folds, _eval_mapper(args, cfg, "reference"))
     result = fit(cfg)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
+    stored = fit_and_store(run_url(cfg), cfg.eval, _eval_mapper(args, cfg, "reference"))
     oracle = synthetic_oracle(truth, raw, cfg.data.shards) if truth and raw else {}
     print(summary_text(cfg, result, oracle))
+    print(f"reference   : {stored}  (what predict applies: thresholds, cut-points, baselines)")
     return 0
 
 
-def _train_folds(cfg: Config, folds: int) -> int:
+def _eval_mapper(args: argparse.Namespace, cfg: Config, desc: str):
+    return _mapper(args, desc, 1.0 if cfg.eval.gpu else 0.0)
+
+
+def _print_changes(cfg: Config, preset: str) -> None:
+    """The settings that differ from the preset, one line each; the whole resolved config
+    is written to the run folder (config.yaml)."""
+    from mmdls_dist.config import changes, load_config
+
+    changed = changes(load_config(preset), cfg)
+    print(f"config: {preset}" + (", with" if changed else " (no changes)"))
+    for key, value in changed.items():
+        print(f"  {key} = {value!r}")
+
+
+def _train_folds(cfg: Config, folds: int, mapper) -> int:
     """Every fold's run (concurrent Tune trials where the cluster has room; each resumable
-    as any run), then the ensemble folder."""
+    as any run), then the ensemble folder and the references."""
     from mmdls_dist import storage
-    from mmdls_dist.evaluation.ensemble import write_ensemble
+    from mmdls_dist.evaluation.ensemble import fit_and_store_ensemble, write_ensemble
     from mmdls_dist.train.folds import fold_summary, train_folds
 
     configs = train_folds(cfg, folds)
     print(f"\n{folds} folds (validation metrics of each fold's deployed checkpoint):")
     for fold_cfg in configs:
         print(fold_summary(fold_cfg))
-    url = write_ensemble(
-        storage.join(cfg.run.storage_path, cfg.run.name), [c.run.name for c in configs]
-    )
+    folder = storage.join(cfg.run.storage_path, cfg.run.name)
+    url = write_ensemble(folder, [c.run.name for c in configs])
+    fit_and_store_ensemble(folder, cfg.eval, mapper)
     print(f"ensemble of {folds} folds: {url} (mmdls evaluate / predict take its folder)")
     return 0
 
@@ -280,7 +310,11 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     arg("--shards", help="existing shards (instead of --data)"),
     arg("--split", help="split of --shards to predict (default: predict)"),
     arg("--out", default="predictions.csv", help="output CSV"),
-    arg("--reference", help="reference-<label>.json of `mmdls evaluate` (default: refit)"),
+    arg(
+        "--reference",
+        help="reference-<label>.json of `mmdls evaluate` (default: the run folder's "
+        "reference.json, fitted when training ended)",
+    ),
     arg("--masks", help="also write predicted lung/lesion masks as PNGs here"),
     arg("--workdir", help="where --data is sharded (default: a temporary folder)"),
     *EXECUTOR,

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mmdls_dist.options import apply_overrides, choice, from_dict, to_dict, yaml_value
+from mmdls_dist.options import apply_overrides, choice, flatten, from_dict, to_dict, yaml_value
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "debug"  # what every command loads without --config: CPU-sized, synthetic
@@ -218,6 +218,8 @@ class RunConfig:
     tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (on object storage:
     # written locally and copied there by rank 0 after every epoch)
     overlays: int = 4  # segmentation overlays logged to TensorBoard per epoch, >= 0
+    progress_every_s: float = resumable(30.0)  # rank 0 logs a progress line (step, patients/s,
+    # running loss, ETA) this often inside an epoch, in seconds; 0 = only the epoch line
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -228,8 +230,10 @@ class RunConfig:
             raise ValueError(
                 "run.min_workers must be in [0, run.num_workers] and run.resize_interval_s > 0"
             )
-        if self.max_failures < 0 or self.checkpoints_to_keep < 0 or self.overlays < 0:
+        if min(self.max_failures, self.checkpoints_to_keep, self.overlays) < 0:
             raise ValueError("run.max_failures, checkpoints_to_keep and overlays must be >= 0")
+        if self.progress_every_s < 0:
+            raise ValueError("run.progress_every_s must be >= 0")
         choice("run.mode", self.mode, ("max", "min"))
 
 
@@ -404,6 +408,12 @@ def load_config(name_or_path: str = DEFAULT_PRESET, overrides: list[str] | None 
 def dump_yaml(cfg: Config) -> str:
     """The full resolved config as YAML that load_config accepts unchanged."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def changes(base: Config, cfg: Config) -> dict[str, Any]:
+    """The dotted fields where cfg differs from base (a preset), with cfg's values."""
+    a, b = flatten(to_dict(base)), flatten(to_dict(cfg))
+    return {key: value for key, value in b.items() if a.get(key) != value}
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:

@@ -232,3 +232,15 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
             text = str(value).lower() if isinstance(value, bool) else value
             out.append(f"{dest.removeprefix('set:')}={text}")
     return out
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out

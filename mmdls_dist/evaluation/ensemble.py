@@ -10,6 +10,9 @@ The ensemble's reference (reference.py) is fixed on the cross-validated cohort: 
 baselines, censoring and risk cut-points on the ensemble's predictions for every fold
 patient (as a single model's are on its training split), the histology threshold on the
 out-of-fold predictions (each patient scored by the member that validated on it).
+`mmdls train --folds K` fits it once when the folds end and stores it in the ensemble
+folder (reference.json, as each member's own in its run folder), so evaluation and
+prediction run the members only on the patients asked about.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from mmdls_dist.evaluation.reference import (
     Reference,
     fit_on_training_frame,
     fit_reference,
+    folder_of,
+    reference_for,
+    store_reference,
+    stored_reference,
     training_frame,
 )
 from mmdls_dist.metrics.classification import youden_threshold
@@ -97,7 +104,8 @@ def member_predictions(
 def combine_members(
     members: list[tuple[pd.DataFrame, pd.DataFrame, Reference]], horizons: tuple[float, ...]
 ) -> tuple[pd.DataFrame, Reference]:
-    """member_predictions of every member -> (the ensemble's predictions, its reference)."""
+    """member_predictions of every member -> (the ensemble's predictions, its reference;
+    the predictions are None where the members came without held-out frames)."""
     oof = pd.concat([own[own["split"] == "val"] for _, own, _ in members], ignore_index=True)
     cohort = [own.assign(split="train") for _, own, _ in members]
     ref = fit_reference(mean_frame(cohort), None, horizons)
@@ -106,7 +114,14 @@ def combine_members(
         f"fold ensemble of {len(members)} members: each member calibrated on its own "
         "validation fold; histology threshold on the out-of-fold predictions"
     ]
-    return mean_frame([held_out for held_out, _, _ in members]), ref
+    ref.origin = (
+        f"fold ensemble of {len(members)}: cut-points, Breslow baselines and censoring on the "
+        f"ensemble's predictions for {len(oof)} cross-validated patients; the histology "
+        "threshold on their out-of-fold predictions; each member's temperatures on its own "
+        "validation fold"
+    )
+    held_out = [frame for frame, _, _ in members if frame is not None]
+    return (mean_frame(held_out) if held_out else None), ref
 
 
 def ensemble_predictions(
@@ -116,16 +131,42 @@ def ensemble_predictions(
     cfg: EvalConfig,
     mapper: Callable,
     reference_shards: str | None = None,
+    folder: str | None = None,
     **extra,
 ) -> tuple[pd.DataFrame, Reference]:
     """-> (the ensemble's predictions for `splits` of `shards`, its reference).
 
-    Each member is run once on `splits` and once on its training cohort (train and val of
-    its fold; not again where `shards` is that cohort and `splits` hold them): its own
-    reference calibrates both. The ensemble's reference is fixed on the cross-validated
-    cohort (module docstring)."""
+    With the reference stored in the ensemble `folder` (and no reference_shards), each
+    member runs on `splits` only, calibrated by its own stored reference. Otherwise each
+    member is run once on `splits` and once on its training cohort (train and val of its
+    fold; not again where `shards` is that cohort and `splits` hold them): its own
+    reference calibrates both, and the ensemble's is fixed on the cross-validated cohort
+    (module docstring)."""
+    stored = None
+    if folder is not None and reference_shards is None:
+        stored = stored_reference(folder, members, cfg.horizons)
+    if stored is not None:
+        frames = []
+        for ckpt in members:
+            frame = run_inference(ckpt, shards, splits, cfg, mapper, **extra)
+            frames.append(reference_for(ckpt, frame, shards, None, cfg, mapper).calibrate(frame))
+        return mean_frame(frames), stored
     results = [
         member_predictions(ckpt, shards, splits, cfg, mapper, reference_shards, **extra)
         for ckpt in members
     ]
     return combine_members(results, cfg.horizons)
+
+
+def fit_and_store_ensemble(folder: str, cfg: EvalConfig, mapper: Callable) -> str:
+    """When the folds end: every member's reference (in its run folder) and the
+    ensemble's (in `folder`), each member run once on its training cohort."""
+    members = ensemble_members(folder)
+    results = []
+    for ckpt in members:
+        own = training_frame(ckpt, None, "", None, cfg, mapper)
+        ref = fit_on_training_frame(own, cfg.horizons)
+        store_reference(folder_of(ckpt), [ckpt], ref)
+        results.append((None, ref.calibrate(own), ref))
+    _, ref = combine_members(results, cfg.horizons)
+    return store_reference(folder, members, ref)

@@ -10,8 +10,11 @@ risk as "Brier").
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +59,7 @@ from mmdls_dist.metrics.survival import (
     kaplan_meier_groups,
     uno_c,
 )
+from mmdls_dist.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +253,45 @@ def _expand_ensembles(checkpoints: dict[str, str]) -> dict[str, str | list[str]]
     return out
 
 
+def _config_hash(config: dict) -> str:
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def model_provenance(ckpt: str | list[str], reference: dict) -> dict:
+    """What produced a model's numbers: its checkpoint(s), epoch, config and data hashes,
+    and where its reference was fitted."""
+    members = ckpt if isinstance(ckpt, list) else [ckpt]
+    rows = []
+    for url in members:
+        identity = checkpoint_identity(url)
+        saved = storage.join(url, checkpoint.METRICS)
+        epoch = storage.read_json(saved).get("epoch") if storage.exists(saved) else None
+        rows.append(
+            {
+                "checkpoint": "/".join(url.rstrip("/").split("/")[-2:]),
+                "epoch": None if epoch is None else int(epoch) + 1,
+                "config_sha256": _config_hash(identity["config"]),
+                "manifest_sha256": str(identity["manifest_hash"])[:16],
+                "shards": identity["config"]["data"]["shards"],
+            }
+        )
+    return {"members": rows, "reference": reference.get("origin", "")}
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what computed the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("mmdls-dist", "torch", "ray", "torchsurv", "lifelines", "scikit-learn", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def run_evaluation(
     checkpoints: dict[str, str],
     shards: str | None,
@@ -292,7 +335,9 @@ def run_evaluation(
             held_out = [s for s in splits if s in ("test", "external")]
             if not held_out:
                 raise ValueError(f"{label}: a fold ensemble is scored on test / external only")
-            frame, ref = ensemble_predictions(ckpt, shards, held_out, cfg, mapper, reference_shards)
+            frame, ref = ensemble_predictions(
+                ckpt, shards, held_out, cfg, mapper, reference_shards, folder=checkpoints[label]
+            )
             results[label] = evaluate_frame(frame, ref, held_out, cfg)
             overlay_ckpt = ckpt[0]
         else:
@@ -328,6 +373,13 @@ def run_evaluation(
             "(Youden, on the calibrated probabilities) from the validation split",
         },
         "models": models,
+        "provenance": {
+            "models": {
+                label: model_provenance(models_in[label], m["reference"])
+                for label, m in models.items()
+            },
+            "software": software_versions(),
+        },
     }
     storage.write_json(str(out / "metrics.json"), metrics)
     temperatures = "; ".join(
@@ -342,6 +394,13 @@ def run_evaluation(
         f"are temperature-scaled on the validation split ({temperatures}); 'ECE raw' is "
         "the network's own."
     )
-    meta = {"summary": summary, "overlay_split": overlay_split, "horizons": horizons}
+    meta = {
+        "summary": summary,
+        "overlay_split": overlay_split,
+        "horizons": horizons,
+        "provenance": metrics["provenance"],
+        "methods": metrics["settings"]["reference"],
+        "min_center_patients": cfg.min_center_patients,
+    }
     write_report(out, results, meta, overlays)
     return metrics

@@ -1,6 +1,8 @@
-"""The evaluation report's figures (matplotlib, headless): ROC / PR / calibration, Kaplan-
-Meier curves with number-at-risk tables, segmentation overlays. Each is drawn from the
-numbers of metrics.json, saved as PNG and returned base64-encoded for embedding."""
+"""The evaluation report's figures (matplotlib, headless): histology ROC / PR / calibration,
+stage ROC curves, Kaplan-Meier curves with their 95 % bands, censor ticks and number-at-risk
+tables, survival calibration per risk decile, segmentation overlays. Each is drawn from the
+numbers of metrics.json (the bands and tick positions are lifelines'), saved as PNG and
+returned base64-encoded for embedding."""
 
 from __future__ import annotations
 
@@ -66,19 +68,35 @@ def km_figure(block: dict, title: str, path: Path) -> str | None:
         2, 1, figsize=(6.5, 5.4), gridspec_kw={"height_ratios": [4, 1.1], "hspace": 0.45}
     )
     for name, curve in curves.items():
+        color = GROUP_COLORS[name]
         ax.step(
             curve["time"],
             curve["survival"],
             where="post",
-            color=GROUP_COLORS[name],
+            color=color,
             lw=2,
             label=f"{name} (n={curve['n']}, events {curve['events']})",
         )
+        if "lower" in curve:
+            ax.fill_between(
+                curve["time"], curve["lower"], curve["upper"], step="post", color=color, alpha=0.15
+            )
+        if curve.get("censored"):
+            ax.plot(
+                curve["censored"],
+                curve["censored_survival"],
+                "|",
+                color=color,
+                markersize=7,
+                markeredgewidth=1,
+            )
     times = groups["at_risk_times"]
     ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02), xlim=(0, times[-1]))
     p = groups.get("logrank_p", math.nan)
-    ax.set_title(f"{title}: log-rank p = {p:.2g}" if math.isfinite(p) else title)
-    ax.legend(loc="lower left", fontsize=8)
+    if math.isfinite(p):
+        title = f"{title}: log-rank p " + ("< 0.001" if p < 0.001 else f"= {p:.3f}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower left", fontsize=8, title="shaded: 95 % CI; |: censored", title_fontsize=7)
     table_ax.axis("off")
     rows = [[str(v) for v in c["at_risk"]] for c in curves.values()]
     table = table_ax.table(
@@ -90,6 +108,42 @@ def km_figure(block: dict, title: str, path: Path) -> str | None:
     )
     table.scale(1, 1.1)
     table_ax.set_title("number at risk", fontsize=8)
+    return _png(fig, path)
+
+
+def stage_roc_figure(stage: dict, title: str, path: Path) -> str | None:
+    """One-vs-rest ROC curve of every stage group."""
+    curves = {k: v for k, v in stage.get("per_class", {}).items() if "roc_curve" in v}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(4.4, 4.0))
+    for name, block in curves.items():
+        roc = block["roc_curve"]
+        ax.plot(roc["x"], roc["y"], lw=2, label=f"{name} vs rest, AUC {block['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig, path)
+
+
+def survival_calibration_figure(block: dict, title: str, path: Path) -> str | None:
+    """Per horizon: predicted survival against Kaplan-Meier per risk decile (diagonal =
+    calibrated)."""
+    horizons = {h: c for h, c in block.get("calibration", {}).items() if c and c.get("groups")}
+    if not horizons:
+        return None
+    fig, axes = plt.subplots(1, len(horizons), figsize=(3.3 * len(horizons), 3.4), squeeze=False)
+    for ax, (h, c) in zip(axes[0], horizons.items(), strict=True):
+        seen = [g for g in c["groups"] if g.get("observed") is not None]  # KM defined there
+        predicted = [g["predicted"] for g in seen]
+        observed = [g["observed"] for g in seen]
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.plot(predicted, observed, "o-", lw=1.5)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="predicted survival", ylabel="Kaplan-Meier")
+        ax.set_title(f"{h} months, mean |gap| {c['ici']:.3f}", fontsize=9)
+    fig.suptitle(title, y=1.02, fontsize=10)
+    fig.tight_layout()
     return _png(fig, path)
 
 

@@ -28,7 +28,7 @@ from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import STAGES, valid_patient_id
 from mmdls_dist.data.shards import ShardError, fold_view, load_manifest
 from mmdls_dist.model.mmdls import MMDLS
-from mmdls_dist.model.output import prediction_records
+from mmdls_dist.model.output import missing_inputs, prediction_records
 from mmdls_dist.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ class Part:
 
 def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
     records = prediction_records(batch, out)
-    for r in records:
+    for r, missing in zip(records, missing_inputs(batch), strict=True):
         r["split"] = split
+        r["missing_inputs"] = missing
         if not with_dice:
             r.pop("dice_lung", None)
             r.pop("dice_lesion", None)

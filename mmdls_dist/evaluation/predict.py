@@ -61,12 +61,18 @@ def shard_for_prediction(
     return manifest, {r.patient_id: r.slice_files for r in report.records}
 
 
-def prediction_table(frame: pd.DataFrame, ref: Reference) -> pd.DataFrame:
-    """Inference frame -> the clinician-facing columns (probabilities, risks, groups,
-    survival probabilities at the reference horizons)."""
+DECIMALS = 3  # probabilities, survival and log hazards in the CSV: model error is larger
+
+
+def prediction_table(frame: pd.DataFrame, ref: Reference, model: str) -> pd.DataFrame:
+    """Inference frame -> the clinician-facing columns (probabilities, log relative hazards,
+    risk groups, survival probabilities at the reference horizons), rounded to DECIMALS,
+    with the model that made them and the inputs each patient lacked."""
     out = pd.DataFrame({"patient_id": frame["patient_id"], "center": frame["center"]})
     out["status"] = "ok"
     out["reason"] = ""
+    out["model"] = model
+    out["missing_inputs"] = frame["missing_inputs"].fillna("") if "missing_inputs" in frame else ""
     out["histology_prob_lusc"] = frame["histology_prob"]
     out["histology_pred"] = np.where(
         frame["histology_prob"] >= ref.histology_threshold, "LUSC", "LUAD"
@@ -77,19 +83,19 @@ def prediction_table(frame: pd.DataFrame, ref: Reference) -> pd.DataFrame:
     out["stage_pred"] = [STAGES[k] for k in probs.argmax(axis=1)]
     for endpoint in ENDPOINTS:
         risk = frame[f"{endpoint}_risk"].to_numpy(float)
-        out[f"{endpoint}_risk"] = risk
+        out[f"{endpoint}_log_relative_hazard"] = risk
         groups = assign_risk_groups(risk, ref.cutpoints[endpoint])
         out[f"{endpoint}_risk_group"] = [RISK_GROUPS[g] for g in groups]
         surv = ref.baselines[endpoint].survival_at(risk, ref.horizons)
         for k, h in enumerate(ref.horizons):
             out[f"{endpoint}_survival_{h:g}m"] = surv[:, k]
-    return out
+    return out.round(DECIMALS)
 
 
-def with_rejected(table: pd.DataFrame, manifest: dict) -> pd.DataFrame:
+def with_rejected(table: pd.DataFrame, manifest: dict, model: str) -> pd.DataFrame:
     """Append a row (status "rejected", the reasons, no values) per unreadable patient."""
     rows = [
-        {"patient_id": pid, "status": "rejected", "reason": " | ".join(reasons)}
+        {"patient_id": pid, "status": "rejected", "reason": " | ".join(reasons), "model": model}
         for pid, reasons in manifest["rejected"].items()
     ]
     return pd.DataFrame(table.to_dict("records") + rows, columns=table.columns)
@@ -135,9 +141,12 @@ def run_prediction(
     try:
         mapper = mapper_factory("predict")
         if members:
-            frame, ref = ensemble_predictions(members, shards, [split], cfg, mapper, dice=False)
+            frame, ref = ensemble_predictions(
+                members, shards, [split], cfg, mapper, folder=checkpoint, dice=False
+            )
             ref = load_reference(reference) if reference else ref
-            return _write(prediction_table(frame, ref), manifest, out_csv)
+            model = model_name(checkpoint, members)
+            return _write(prediction_table(frame, ref, model), manifest, out_csv, model)
         frame = run_inference(
             ckpt,
             shards,
@@ -156,11 +165,19 @@ def run_prediction(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return _write(prediction_table(ref.calibrate(frame), ref), manifest, out_csv)
+    model = model_name(ckpt, None)
+    return _write(prediction_table(ref.calibrate(frame), ref, model), manifest, out_csv, model)
 
 
-def _write(table: pd.DataFrame, manifest: dict, out_csv: str | Path) -> pd.DataFrame:
-    table = with_rejected(table, manifest)
+def model_name(path: str, members: list[str] | None) -> str:
+    """What the model column says: "run/checkpoint", or the ensemble and its size."""
+    if members:
+        return f"{path.rstrip('/').rsplit('/', 1)[-1]} (ensemble of {len(members)})"
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
+def _write(table: pd.DataFrame, manifest: dict, out_csv: str | Path, model: str) -> pd.DataFrame:
+    table = with_rejected(table, manifest, model)
     storage.write_text(str(out_csv), table.to_csv(index=False))  # a local file or a URL
     return table
 

@@ -1,9 +1,15 @@
 """The reference an evaluated cohort is scored against, fixed on the training cohort: the
 Breslow baselines, censoring distributions and risk-group cut-points of the *training*
 split, and the temperatures of the classification heads and the histology threshold of the
-*validation* split. `mmdls evaluate` writes it as
-reference-<label>.json; `mmdls predict` and an evaluation at a site without the training
-shards apply it unchanged.
+*validation* split.
+
+`mmdls train` fits it once when the run ends and stores it in the run folder beside
+best.json (reference.json, naming the checkpoint it was fitted for); `mmdls predict` and
+an evaluation on other shards take it from there, so they run inference only on the
+patients asked about. Without it (a run trained before it existed, another deployed
+checkpoint, other horizons) it is fitted again from the training shards. `mmdls evaluate`
+also writes the reference it scored against as reference-<label>.json, which `--reference`
+applies unchanged.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     model_manifest,
+    resolve_checkpoint,
     run_inference,
     stage_probs,
 )
@@ -46,6 +54,7 @@ class Reference:
     notes: list[str] = field(default_factory=list)
     # Temperature scaling of the heads, fitted on the validation split (1 = none).
     temperature: dict[str, float] = field(default_factory=lambda: {"histology": 1.0, "stage": 1.0})
+    origin: str = ""  # where and on what it was fitted (the report's provenance)
 
     def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Inference frame -> the same with temperature-scaled histology and stage
@@ -71,6 +80,7 @@ class Reference:
             "horizons": list(self.horizons),
             "notes": self.notes,
             "temperature": self.temperature,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -84,6 +94,7 @@ class Reference:
             notes=list(d["notes"]),
             # References written before calibration existed apply none.
             temperature=d.get("temperature", {"histology": 1.0, "stage": 1.0}),
+            origin=d.get("origin", ""),
         )
 
 
@@ -123,20 +134,67 @@ def fit_reference(
         cutpoints[endpoint] = risk_cutpoints(risk)
         baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
         censoring[endpoint] = CensoringKM.fit(time, event)
-    return Reference(
-        threshold, cutpoints, baselines, censoring, tuple(horizons), notes, temperature
+    n_val = 0 if val is None else len(val)
+    origin = f"cut-points, Breslow baselines and censoring on {len(train)} training patients; " + (
+        f"temperatures and the histology threshold on {n_val} validation patients"
+        if n_val
+        else "no validation patients (threshold 0.5, no calibration)"
     )
+    return Reference(
+        threshold, cutpoints, baselines, censoring, tuple(horizons), notes, temperature, origin
+    )
+
+
+STORED = "reference.json"  # in a run or ensemble folder, written when training ends
+
+
+def folder_of(ckpt: str) -> str:
+    """The run folder a checkpoint folder lies in."""
+    return ckpt.rstrip("/").rsplit("/", 1)[0] if "/" in ckpt.rstrip("/") else "."
+
+
+def _names(checkpoints: list[str]) -> list[str]:
+    """Checkpoint URLs -> "run/checkpoint" names: a moved run folder still matches."""
+    return ["/".join(c.rstrip("/").split("/")[-2:]) for c in checkpoints]
+
+
+def store_reference(folder: str, checkpoints: list[str], ref: Reference) -> str:
+    """reference.json in `folder`: `ref`, fitted for these checkpoints (one, or an
+    ensemble's members)."""
+    url = storage.join(folder, STORED)
+    storage.write_json(url, {"checkpoints": _names(checkpoints), **ref.to_dict()})
+    return url
+
+
+def stored_reference(
+    folder: str, checkpoints: list[str], horizons: tuple[float, ...]
+) -> Reference | None:
+    """The reference stored in `folder` if it was fitted for exactly these checkpoints and
+    horizons, else None."""
+    url = storage.join(folder, STORED)
+    if not storage.exists(url):
+        return None
+    saved = storage.read_json(url)
+    if saved.get("checkpoints") != _names(checkpoints):
+        return None
+    if tuple(saved["horizons"]) != tuple(horizons):
+        return None
+    ref = Reference.from_dict(saved)
+    ref.origin = f"stored in {url} when training ended: {ref.origin}"
+    return ref
 
 
 def load_reference(path: str | Path) -> Reference:
     """A reference-<label>.json written by an earlier evaluation (where the training shards
     were reachable), for scoring a cohort where they are not."""
-    return Reference.from_dict(json.loads(Path(path).read_text()))
+    ref = Reference.from_dict(json.loads(Path(path).read_text()))
+    ref.origin = f"given as {path}: {ref.origin}"
+    return ref
 
 
 def training_frame(
     ckpt: str,
-    frame: pd.DataFrame,
+    frame: pd.DataFrame | None,
     shards: str,
     reference_shards: str | None,
     cfg: EvalConfig,
@@ -144,9 +202,9 @@ def training_frame(
 ) -> pd.DataFrame:
     """The model's predictions on its training cohort's train and val splits: the evaluated
     frame itself when it holds them, else inference on the training shards (the
-    checkpoint's own by default)."""
+    checkpoint's own by default); frame None: always the latter."""
     source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
-    if source != shards or "train" not in set(frame["split"]):
+    if frame is None or source != shards or "train" not in set(frame["split"]):
         have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
         splits = [s for s in ("train", "val") if s in have]
         frame = run_inference(ckpt, source, splits, cfg, mapper)
@@ -169,6 +227,22 @@ def reference_for(
     cfg: EvalConfig,
     mapper: Callable,
 ) -> Reference:
-    """The Reference from the training cohort (training_frame)."""
+    """The Reference from the training cohort: fitted on `frame` where it holds that cohort
+    (no extra inference), else the one stored when the run ended, else fitted on inference
+    over the training shards (training_frame). reference_shards: always fitted there."""
+    own_shards = checkpoint_identity(ckpt)["config"]["data"]["shards"]
+    holds_cohort = shards == own_shards and "train" in set(frame["split"])
+    if reference_shards is None and not holds_cohort:
+        stored = stored_reference(folder_of(ckpt), [ckpt], cfg.horizons)
+        if stored is not None:
+            return stored
     own = training_frame(ckpt, frame, shards, reference_shards, cfg, mapper)
     return fit_on_training_frame(own, cfg.horizons)
+
+
+def fit_and_store(run: str, cfg: EvalConfig, mapper: Callable) -> str:
+    """When a run ends: its deployed checkpoint's reference, fitted on inference over its
+    train and val splits, stored in the run folder. -> the file's URL."""
+    ckpt = resolve_checkpoint(run)
+    ref = fit_on_training_frame(training_frame(ckpt, None, "", None, cfg, mapper), cfg.horizons)
+    return store_reference(run, [ckpt], ref)

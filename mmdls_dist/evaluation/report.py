@@ -1,5 +1,12 @@
 """The evaluation report: metrics -> one self-contained HTML page (figures.py draws).
 
+Reading order for a clinician: the headline first (per task, the held-out split with its
+95 % CI, internal and external marked, the publication's reported range beside it), then
+per split and center the tables and figures, then provenance and methods (checkpoint,
+epoch, config and data hashes, software versions, where every threshold, cut-point and
+baseline was fitted). Estimates that are not results are flagged rather than shown:
+divergent hazard ratios, small samples, p-values below what the test resolves.
+
 Figures are drawn from the numbers in metrics.json (curves are stored there), so the page
 and the JSON can never disagree. PNGs are written beside the page and also embedded in it
 (base64), so the HTML file alone can be mailed to a clinician.
@@ -12,7 +19,34 @@ import math
 from pathlib import Path
 
 from mmdls_dist.data.schema import ENDPOINTS, SPLITS
-from mmdls_dist.evaluation.figures import classification_figure, km_figure, overlay_figure
+from mmdls_dist.evaluation.figures import (
+    classification_figure,
+    km_figure,
+    overlay_figure,
+    stage_roc_figure,
+    survival_calibration_figure,
+)
+
+SMALL_PATIENTS = 50  # below this many patients a group's estimates get a small-sample warning
+SMALL_EVENTS = 20  # ... and below this many events, its survival estimates
+SPLIT_LABELS = {
+    "train": "train (internal, fitted on)",
+    "val": "validation (internal)",
+    "test": "test (internal, held out)",
+    "external": "external (held-out centers)",
+}
+# What the MM-DLS publication reports (Nat Commun 2026), for orientation, not as a target
+# met on another cohort: metric key -> text.
+PUBLISHED = {
+    "histology.auc": "0.85-0.92",
+    "stage.macro_auc": "0.83-0.96",
+    "dfs.harrell_c": "up to 0.75",
+    "os.harrell_c": "up to 0.75",
+    "dfs.td_auc": "0.77-0.91",
+    "os.td_auc": "0.77-0.91",
+    "dfs.integrated_brier": "< 0.2",
+    "os.integrated_brier": "< 0.3",
+}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -21,6 +55,13 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+def _p(value) -> str:
+    """A p-value as a reader expects it: "< 0.001" below what three decimals show."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _with_ci(metrics: dict, key: str, value) -> str:
@@ -37,6 +78,8 @@ table{border-collapse:collapse;margin:0.6em 0 1.2em}td,th{border:1px solid #ccc;
 text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 h2{border-bottom:2px solid #444;margin-top:2em}small{color:#666}img{max-width:100%}
 .note{background:#fff8e0;padding:0.5em 1em;border-left:4px solid #e0b000}
+.warn{background:#fdecea;padding:0.5em 1em;border-left:4px solid #c62828}
+.ext{background:#eef4fb}.disclaimer{font-size:0.9em;color:#555}
 """
 
 
@@ -98,12 +141,13 @@ def side_by_side(by_split: dict, horizons: list[str]) -> str:
                 [f"{e.upper()} Brier({h} mo)"]
                 + [_fmt(by_split[s]["all"][e].get("brier", {}).get(h)) for s in splits]
             )
-    return _table(["metric", *splits], rows)
+    return _table(["metric", *[SPLIT_LABELS[s] for s in splits]], rows)
 
 
 def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> str:
     """Tables (and figures where given) of one split or center."""
     parts = [f"<h3>{html.escape(title)}</h3>"]
+    parts += [f'<p class="warn">{html.escape(w)}</p>' for w in small_sample_warnings(m)]
     for e in ENDPOINTS:
         parts += [f'<p class="note">{html.escape(n)}</p>' for n in m[e].get("notes", [])]
     hist = m["histology"]
@@ -161,8 +205,112 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
     parts.append(survival_table(m, horizons))
     parts.append(calibration_table(m, horizons))
     parts.append(hazard_table(m))
-    for key in ("classification", *ENDPOINTS, "overlays"):
+    for key in ("classification", "stage", *ENDPOINTS, *(f"{e}_calibration" for e in ENDPOINTS)):
         parts.append(_img(figures.get(key)))
+    parts.append(_img(figures.get("overlays")))
+    return "\n".join(parts)
+
+
+def small_sample_warnings(m: dict) -> list[str]:
+    """Warnings for a split or center too small for stable estimates."""
+    out = []
+    if m["n_patients"] < SMALL_PATIENTS:
+        out.append(
+            f"Small sample: {m['n_patients']} patients (under {SMALL_PATIENTS}); every estimate "
+            "here is unstable, read the confidence intervals."
+        )
+    for e in ENDPOINTS:
+        events = m[e].get("events", 0)
+        if m[e].get("n", 0) and events < SMALL_EVENTS:
+            out.append(
+                f"{e.upper()}: {events} events (under {SMALL_EVENTS}); C-index, hazard ratios "
+                "and survival calibration rest on few events."
+            )
+    return out
+
+
+def headline(by_split: dict, horizons: list[str]) -> str:
+    """Per task, the held-out splits (external first, then test; validation where neither
+    exists) with 95 % CIs, and the publication's reported range beside."""
+    shown = [s for s in ("external", "test") if s in by_split] or [
+        s for s in ("val", "train") if s in by_split
+    ][:1]
+    last = horizons[-1] if horizons else None
+    items = [  # (task, metric, value of a split's "all" block, CI key, PUBLISHED key)
+        (
+            "histology (LUAD vs LUSC)",
+            "AUC",
+            lambda m: m["histology"].get("auc"),
+            "histology.auc",
+            "histology.auc",
+        ),
+        (
+            "stage (I-II / III / IV)",
+            "macro AUC",
+            lambda m: m["stage"]["macro_auc"],
+            "stage.macro_auc",
+            "stage.macro_auc",
+        ),
+    ]
+    for e in ENDPOINTS:
+        c_index = lambda m, e=e: m[e].get("harrell_c")  # noqa: E731
+        td_auc = lambda m, e=e: m[e].get("td_auc", {}).get(last)  # noqa: E731
+        brier = lambda m, e=e: m[e].get("integrated_brier")  # noqa: E731
+        items += [
+            (e.upper(), "C-index (Harrell)", c_index, f"{e}.harrell_c", f"{e}.harrell_c"),
+            (e.upper(), f"AUC({last} mo)", td_auc, f"{e}.td_auc.{last}", f"{e}.td_auc"),
+            (e.upper(), "integrated Brier", brier, None, f"{e}.integrated_brier"),
+        ]
+    rows = []
+    for task, metric, value, ci_key, published in items:
+        cells = [
+            _with_ci(m, ci_key, value(m)) if ci_key else _fmt(value(m))
+            for m in (by_split[split]["all"] for split in shown)
+        ]
+        rows.append([task, metric, *cells, PUBLISHED.get(published, "")])
+    n_row = ["", "patients", *[str(by_split[s]["all"]["n_patients"]) for s in shown], ""]
+    header = ["task", "metric", *[SPLIT_LABELS[s] for s in shown], "publication (reported)"]
+    warn = []
+    for split in shown:
+        warn += [
+            f"{SPLIT_LABELS[split]}: {w}" for w in small_sample_warnings(by_split[split]["all"])
+        ]
+    body = _table(header, [n_row, *rows])
+    return body + "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warn)
+
+
+def provenance_section(provenance: dict, settings_text: str) -> str:
+    """Checkpoints, epochs, hashes, where each reference was fitted, software versions."""
+    parts = ["<h2>Provenance and methods</h2>"]
+    for label, model in provenance.get("models", {}).items():
+        parts.append(f"<h3>{html.escape(label)}</h3>")
+        rows = [
+            [
+                html.escape(r["checkpoint"]),
+                _fmt(r["epoch"]),
+                f"<code>{html.escape(r['config_sha256'])}</code>",
+                f"<code>{html.escape(r['manifest_sha256'])}</code>",
+                html.escape(str(r["shards"])),
+            ]
+            for r in model["members"]
+        ]
+        parts.append(
+            _table(
+                ["checkpoint", "epoch", "config sha256", "data manifest sha256", "trained on"], rows
+            )
+        )
+        if model.get("reference"):
+            parts.append(f"<p>Reference: {html.escape(model['reference'])}.</p>")
+    if settings_text:
+        parts.append(f"<p>Methods: {html.escape(settings_text)}.</p>")
+    software = provenance.get("software", {})
+    if software:
+        parts.append(
+            _table(
+                ["software", "version"],
+                [[html.escape(k), html.escape(v)] for k, v in software.items()],
+            )
+        )
     return "\n".join(parts)
 
 
@@ -237,14 +385,26 @@ def hazard_table(m: dict) -> str:
     for e in ENDPOINTS:
         groups = m[e].get("risk_groups", {})
         for name, hr in groups.get("hazard_ratios", {}).items():
+            if not hr.get("estimable", True):
+                rows.append(
+                    [
+                        e.upper(),
+                        f"{name} vs low",
+                        "not estimable",
+                        "a group with no events: the Cox fit diverges",
+                        "–",
+                        _p(groups.get("logrank_p")),
+                    ]
+                )
+                continue
             rows.append(
                 [
                     e.upper(),
                     f"{name} vs low",
                     _fmt(hr["hr"], 2),
                     f"{hr['ci_low']:.2f}–{hr['ci_high']:.2f}",
-                    _fmt(hr["p"], 3),
-                    _fmt(groups.get("logrank_p"), 3),
+                    _p(hr["p"]),
+                    _p(groups.get("logrank_p")),
                 ]
             )
     if not rows:
@@ -290,13 +450,20 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
     horizons = [f"{h:g}" for h in meta["horizons"]]
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    body = [f"<h1>MM-DLS evaluation</h1><p>{html.escape(meta.get('summary', ''))}</p>"]
+    body = [
+        "<h1>MM-DLS evaluation</h1>",
+        '<p class="disclaimer">Research software: these figures describe a model on a '
+        "cohort; they are not for clinical decisions about patients.</p>",
+    ]
+    for label, by_split in results.items():
+        body.append(f"<h2>Headline: {html.escape(label)}</h2>" + headline(by_split, horizons))
+    body.append(f"<p>{html.escape(meta.get('summary', ''))}</p>")
     for note in meta.get("notes", []):
         body.append(f'<p class="note">{html.escape(note)}</p>')
     if len(results) > 1:
         body.append("<h2>Model comparison</h2>" + comparison_table(comparison_rows(results)))
     for label, by_split in results.items():
-        body.append(f"<h2>{html.escape(label)}: internal vs external</h2>")
+        body.append(f"<h2>{html.escape(label)}: every split, internal and external</h2>")
         body.append(side_by_side(by_split, horizons))
         for split in [s for s in SPLITS if s in by_split]:
             stem = f"{slug(label)}-{split}"
@@ -307,6 +474,9 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
                     f"{label}: histology, {split}",
                     figures_dir / f"{stem}-histology.png",
                 ),
+                "stage": stage_roc_figure(
+                    m["stage"], f"{label}: stage, {split}", figures_dir / f"{stem}-stage-roc.png"
+                ),
                 **{
                     e: km_figure(
                         m[e],
@@ -315,14 +485,25 @@ def write_report(out: Path, results: dict, meta: dict, overlays: dict) -> Path:
                     )
                     for e in ENDPOINTS
                 },
+                **{
+                    f"{e}_calibration": survival_calibration_figure(
+                        m[e],
+                        f"{label}: {e.upper()} survival calibration per risk decile, {split}",
+                        figures_dir / f"{stem}-calibration-{e}.png",
+                    )
+                    for e in ENDPOINTS
+                },
             }
             if split == meta.get("overlay_split"):
                 figures["overlays"] = overlay_figure(
                     overlays.get(label, []), figures_dir / f"{stem}-overlays.png"
                 )
-            body.append(group_section(m, f"{label} / {split}: all centers", figures, horizons))
+            title = f"{label} / {SPLIT_LABELS[split]}: all centers"
+            body.append(group_section(m, title, figures, horizons))
             for center, cm in by_split[split]["centers"].items():
-                body.append(group_section(cm, f"{label} / {split}: {center}", {}, horizons))
+                title = f"{label} / {SPLIT_LABELS[split]}: {center}"
+                body.append(group_section(cm, title, {}, horizons))
+    body.append(provenance_section(meta.get("provenance", {}), meta.get("methods", "")))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>MM-DLS evaluation</title>"
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"

@@ -132,8 +132,8 @@ def binary_metrics(prob, label, threshold: float) -> dict:
 
 
 def multiclass_metrics(probs, labels, class_names: tuple[str, ...]) -> dict:
-    """Stage: one-vs-rest AUC and AP per class, their macro mean, confusion matrix (rows =
-    truth, columns = arg-max prediction), accuracy. probs [n, K]."""
+    """Stage: one-vs-rest AUC, AP and ROC curve per class, their macro mean, confusion
+    matrix (rows = truth, columns = arg-max prediction), accuracy. probs [n, K]."""
     labels = np.asarray(labels)
     keep = labels >= 0
     probs, labels = np.asarray(probs, dtype=np.float64)[keep], labels[keep].astype(int)
@@ -147,6 +147,9 @@ def multiclass_metrics(probs, labels, class_names: tuple[str, ...]) -> dict:
             "auc": binary_auc(probs[:, c], y),
             "ap": float(average_precision_score(y, probs[:, c])) if defined else float("nan"),
         }
+        if defined:
+            fpr, tpr, _ = roc_curve(y, probs[:, c])
+            per_class[name]["roc_curve"] = _downsample(fpr, tpr)
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     return {
         "n": int(len(labels)),

@@ -301,11 +301,17 @@ def kaplan_meier_groups(time, event, groups, at_times) -> dict:
             continue
         km = KaplanMeierFitter().fit(time[sel], event[sel])
         sf = km.survival_function_.iloc[:, 0]
+        band = km.confidence_interval_survival_function_  # 95 %, exponential Greenwood
+        censored = np.unique(time[sel][~event[sel]])
         curves[name] = {
             "n": int(sel.sum()),
             "events": int(event[sel].sum()),
             "time": sf.index.to_numpy().tolist(),
             "survival": sf.to_numpy().tolist(),
+            "lower": band.iloc[:, 0].to_numpy().tolist(),
+            "upper": band.iloc[:, 1].to_numpy().tolist(),
+            "censored": censored.tolist(),  # censor ticks: times, and the curve there
+            "censored_survival": km.survival_function_at_times(censored).to_numpy().tolist(),
             "at_risk": [int(np.sum(time[sel] >= t)) for t in at_times],
         }
     out = {
@@ -341,12 +347,26 @@ def _group_hazard_ratios(time, event, groups, cox_cls) -> dict:
     except Exception:  # lifelines raises several types when a fit cannot converge
         return {}
     summary = fitted.summary
-    return {
-        name: {
+    out = {}
+    for name in names:
+        hr = {
             "hr": float(summary.loc[name, "exp(coef)"]),
             "ci_low": float(summary.loc[name, "exp(coef) lower 95%"]),
             "ci_high": float(summary.loc[name, "exp(coef) upper 95%"]),
             "p": float(summary.loc[name, "p"]),
         }
-        for name in names
-    }
+        hr["estimable"] = hr_estimable(hr, int(event[groups == RISK_GROUPS.index(name)].sum()))
+        out[name] = hr
+    return out
+
+
+HR_LIMIT = 1e3  # a hazard ratio or CI bound beyond [1/HR_LIMIT, HR_LIMIT] is a divergent fit
+
+
+def hr_estimable(hr: dict, group_events: int) -> bool:
+    """False for a degenerate Cox estimate: a group (or the reference) without events
+    drives the coefficient to +-infinity, which lifelines reports as a huge HR with a
+    CI of (0, inf); such a number is not a result."""
+    values = (hr["hr"], hr["ci_low"], hr["ci_high"])
+    finite = all(np.isfinite(v) for v in values)
+    return bool(finite and group_events > 0 and all(1 / HR_LIMIT < v < HR_LIMIT for v in values))

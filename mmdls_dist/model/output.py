@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmdls_dist.data.schema import ENDPOINTS, Batch
+from mmdls_dist.data.schema import CLINICAL_FEATURES, ENDPOINTS, N_RADIOMICS, PET_FEATURES, Batch
 from mmdls_dist.metrics.segmentation import dice_per_patient
 
 PAD_LOGIT = -20.0  # segmentation logit given to padded slices (probability ~ 2e-9)
@@ -50,3 +50,34 @@ def prediction_records(batch: Batch, out: ModelOutput) -> list[dict]:
         {"patient_id": pid, "center": center, **{k: v[i] for k, v in columns.items()}}
         for i, (pid, center) in enumerate(zip(batch.patient_id, batch.center, strict=True))
     ]
+
+
+def _input_name(feature: str) -> str:
+    """A model feature -> the raw input it comes from (the one-hot smoking columns)."""
+    return (
+        "smoking_status"
+        if feature.startswith("smoking_") and feature != "smoking_years"
+        else feature
+    )
+
+
+def missing_inputs(batch: Batch) -> list[str]:
+    """Per patient, the inputs the model did without, as one "; "-joined text: clinical and
+    PET fields by name, the radiomics as a count, and "lesion contour" where the lesion
+    views read the segmentor's own mask."""
+    clinical = batch.clinical_missing.cpu().tolist()
+    pet = batch.pet_missing.cpu().tolist()
+    radiomics = batch.radiomics_missing.sum(1).cpu().tolist()
+    annotated = batch.lesion_annotated.cpu().tolist()
+    out = []
+    for i in range(len(batch)):
+        names = dict.fromkeys(
+            _input_name(f) for f, gone in zip(CLINICAL_FEATURES, clinical[i], strict=True) if gone
+        )
+        names |= dict.fromkeys(f for f, gone in zip(PET_FEATURES, pet[i], strict=True) if gone)
+        if radiomics[i]:
+            names[f"radiomics ({int(radiomics[i])} of {N_RADIOMICS})"] = None
+        if not annotated[i]:
+            names["lesion contour"] = None
+        out.append("; ".join(names))
+    return out

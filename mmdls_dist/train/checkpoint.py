@@ -39,6 +39,7 @@ import torch
 
 from mmdls_dist import storage
 from mmdls_dist.config import resumable_fields
+from mmdls_dist.options import flatten
 
 STATE = "state.pt"
 CONFIG = "config.json"
@@ -46,6 +47,7 @@ METRICS = "metrics.json"
 COMPLETE = "complete.json"
 RUN_IDENTITY = "mmdls_run.json"
 BEST = "best.json"
+CONFIG_YAML = "config.yaml"  # the run's resolved config, a file `mmdls train --config` takes
 EXECUTIONS = "executions.jsonl"
 FATAL = "fatal.json"
 PLACEMENT_GROUP = "placement_group.json"
@@ -68,17 +70,6 @@ class Progress:
     global_step: int = 0  # optimizer steps taken so far
     best: float | None = None  # best value of run.metric so far
     bad_epochs: int = 0  # epochs since the best (early stopping)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

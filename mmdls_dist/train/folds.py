@@ -17,7 +17,7 @@ import logging
 from mmdls_dist import storage
 from mmdls_dist.config import Config, from_dict, to_dict, with_values
 from mmdls_dist.train.launch import fit
-from mmdls_dist.train.tune import Sweep, concurrent_trials, without_driver_share
+from mmdls_dist.train.tune import Sweep, concurrent_trials, trial_progress, without_driver_share
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def _concurrently(cfg: Config, folds: int, limit: int) -> None:
             name=f"{cfg.run.name}-trials",
             storage_path=cfg.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[trial_progress(folds, "val/composite", "max", unit="fold")],
+            verbose=0,
         ),
     )
     failed = [r for r in tuner.fit() if r.error]

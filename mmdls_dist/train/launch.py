@@ -4,7 +4,7 @@ identity guard, and best.json beside the checkpoints. Ray is imported only insid
 from __future__ import annotations
 
 from mmdls_dist import storage
-from mmdls_dist.config import Config, to_dict
+from mmdls_dist.config import Config, dump_yaml, to_dict
 from mmdls_dist.data.shards import ShardError, data_manifest, load_manifest, manifest_hash
 from mmdls_dist.data.verify import check_dataset
 from mmdls_dist.train import checkpoint
@@ -33,7 +33,7 @@ def guard_run_identity(cfg: Config) -> dict:
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a config (also what a Tune trial builds, with Tune's report
     callback in `callbacks`)."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -57,6 +57,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             storage_path=cfg.run.storage_path,
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train's own INFO lines (a ~900-character "Reporting training result" per
+            # rank and epoch, "Checkpoint successfully created") off the console; its
+            # system log files under the Ray session folder still hold every level.
+            logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep or None,
                 checkpoint_score_attribute="score",
@@ -88,6 +92,7 @@ def fit(cfg: Config):
     check_data(cfg)
     guard_run_identity(cfg)
     run = run_url(cfg)
+    storage.write_text(storage.join(run, checkpoint.CONFIG_YAML), dump_yaml(cfg))
     fatal = storage.join(run, checkpoint.FATAL)
     storage.remove(fatal)  # an earlier attempt's: the data may have been mended since
     result = build_trainer(cfg).fit()

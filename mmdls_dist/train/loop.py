@@ -89,6 +89,39 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+class ProgressLine:
+    """Rank 0's line inside an epoch, every `every_s` seconds: step / steps, this rank's
+    patients/s, the running mean loss and the epoch's ETA. Ray forwards worker output line
+    by line to the driver and to `ray job logs`, so a line (not a bar) is what arrives.
+    Reading the running loss is the one host synchronisation, and only when a line is due."""
+
+    def __init__(self, label: str, steps: int, every_s: float):
+        self.label, self.steps, self.every_s = label, steps, every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, patients: int, loss_sum) -> None:
+        now = time.perf_counter()
+        if self.every_s <= 0 or now - self.last < self.every_s or done >= self.steps:
+            return
+        self.last = now
+        elapsed = now - self.start
+        log.info(
+            "%s  step %d/%d  %.1f patients/s  loss %.3f  ETA %s",
+            self.label,
+            done,
+            self.steps,
+            patients / elapsed,
+            float(loss_sum) / done,
+            _clock(elapsed * (self.steps - done) / done),
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class Trainer:
     """Everything one worker holds for a run. Methods are the steps of the loop."""
 
@@ -113,6 +146,7 @@ class Trainer:
         self.amp_dtype, use_scaler = amp_settings(cfg.optim.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.progress = checkpoint.Progress()
+        self.step_log: list[tuple[int, dict]] = []  # rank 0: this epoch's per-step scalars
         self.identity = {
             "config": to_dict(cfg),
             "manifest_hash": manifest_hash(self.manifest),
@@ -186,24 +220,41 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.global_step += 1
 
+    def _step_scalars(self, parts: dict[str, torch.Tensor]) -> dict:
+        """The optimizer step's training scalars (the last micro-batch's loss terms and the
+        learning rate), kept as device tensors until the epoch ends."""
+        scalars = {f"step/{'loss' if k == 'loss' else 'loss_' + k}": v for k, v in parts.items()}
+        return scalars | {"step/lr": self.scheduler.get_last_lr()[0]}
+
     def train_epoch(self, epoch: int, chaos: Chaos | None = None) -> dict[str, float]:
         self.module.train()
+        self.step_log = []
         self.train_loader.dataset.set_epoch(epoch)
         gt_weight = gt_mask_weight(epoch, self.cfg.optim)
         sums: dict[str, torch.Tensor | float] = defaultdict(float)
         n_batches, n_patients, waited = 0, 0, 0.0
         accum = self.cfg.optim.grad_accum
         t0 = tick = time.perf_counter()
+        progress = ProgressLine(
+            f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+            len(self.train_loader),
+            self.cfg.run.progress_every_s,
+        )
         for i, batch in enumerate(self.train_loader):
             waited += time.perf_counter() - tick
             batch = batch.to(self.device)
             last = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
-            for key, value in self.step(batch, gt_weight, last).items():
+            parts = self.step(batch, gt_weight, last)
+            for key, value in parts.items():
                 sums[key] += value
             n_batches += 1
             n_patients += len(batch)
+            if last and self.rank == 0:
+                self.step_log.append((self.progress.global_step, self._step_scalars(parts)))
             if last and chaos is not None:
                 chaos("step", self.progress.global_step)
+            if self.rank == 0:
+                progress(n_batches, n_patients, sums["loss"])
             tick = time.perf_counter()
         seconds = time.perf_counter() - t0
         keys = sorted(sums)
@@ -268,6 +319,20 @@ def setup_worker_logging(rank: int) -> None:
         )
         logger.addHandler(handler)
         logger.propagate = False
+    _quiet_ray_train_reports()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train's per-report INFO lines off the console. build_trainer sets Ray Train's own
+    LoggingConfig(log_level="WARNING"), which covers its `ray.train.*` loggers; Ray 2.60
+    names one logger by its file path instead (execution/context.py: a ~900-character
+    "Reporting training result" line per rank and epoch), which that setting misses, so
+    the same level is given to that logger here."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 # Errors a retry cannot mend: the same data and the same config fail the same way again.
@@ -323,10 +388,12 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
         )
     chaos = Chaos(cfg.chaos, rank, run)
     board = EpochLogger(cfg) if rank == 0 else None
+    metrics: dict = {}  # the last epoch's
     while trainer.progress.epoch < cfg.optim.epochs:
         epoch = trainer.progress.epoch
         if rank == 0:
             checkpoint.log_execution(run, epoch, trainer.progress.global_step, world)
+        started = time.perf_counter()
         metrics = trainer.train_epoch(epoch, chaos)
         chaos("validation", trainer.progress.global_step)
         val, _, first_batch, first_out = trainer.evaluate()
@@ -341,14 +408,22 @@ def _train(cfg: Config, rank: int, world: int, run: str) -> None:
             }
         )
         if board is not None:
-            board.log(metrics, trainer.progress.global_step, first_batch, first_out)
+            board.log(
+                metrics, trainer.progress.global_step, first_batch, first_out, trainer.step_log
+            )
         _report(trainer, metrics, rank)
         chaos("after_report", trainer.progress.global_step)
-        log.info("epoch %d: %s", epoch, _brief(metrics))
+        log.info(
+            "epoch %d/%d (%s): %s",
+            epoch + 1,
+            cfg.optim.epochs,
+            _clock(time.perf_counter() - started),
+            _brief(metrics),
+        )
         if stop:
             break
     if board is not None:
-        board.close()
+        board.close(metrics)
 
 
 def _record_placement_group(run: str) -> None:
@@ -388,15 +463,19 @@ def _report(trainer: Trainer, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+BRIEF = (  # the epoch line: (label, metric key, format)
+    ("loss", "train/loss", ".3f"),
+    ("val AUC histology", "val/auc_histology", ".3f"),
+    ("stage", "val/auc_stage", ".3f"),
+    ("C-index DFS", "val/cindex_dfs", ".3f"),
+    ("OS", "val/cindex_os", ".3f"),
+    ("Dice lung", "val/dice_lung", ".2f"),
+    ("lesion", "val/dice_lesion", ".2f"),
+    ("patients/s", "train/patients_per_s", ".1f"),
+)
+
+
 def _brief(metrics: dict) -> str:
-    keys = (
-        "train/loss",
-        "val/auc_histology",
-        "val/auc_stage",
-        "val/cindex_dfs",
-        "val/cindex_os",
-        "val/dice_lung",
-        "val/dice_lesion",
-        "train/patients_per_s",
+    return "  ".join(
+        f"{label} {metrics[key]:{spec}}" for label, key, spec in BRIEF if key in metrics
     )
-    return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)

@@ -1,5 +1,8 @@
-"""TensorBoard logging from rank 0: every scalar of an epoch's metrics and a few
-segmentation overlays (CT in gray, predicted lesion in red, ground-truth lesion in green).
+"""TensorBoard logging from rank 0: the training loss terms and learning rate per optimizer
+step, every scalar of an epoch's metrics, a few segmentation overlays (CT in gray,
+predicted lesion in red, ground-truth lesion in green), the run's config as text, and at
+the end of the run its hyperparameters with the final validation metrics (the HParams tab,
+to compare runs and sweep trials).
 
 The event files live with the run: <run>/tensorboard. On local or NFS storage the writer
 writes there directly; on object storage (s3://, gs://) it writes to a local temporary
@@ -19,7 +22,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from mmdls_dist import storage
-from mmdls_dist.config import Config
+from mmdls_dist.config import Config, dump_yaml, to_dict
+from mmdls_dist.options import flatten
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +59,15 @@ class EpochLogger:
         self.remote = local is None  # object storage: write locally, copy each epoch
         self.dir = Path(tempfile.mkdtemp(prefix="mmdls-tb-")) if self.remote else local
         self.writer = SummaryWriter(log_dir=str(self.dir))
+        self.writer.add_text("config", _as_code(dump_yaml(cfg)))
         log.info("TensorBoard logs: %s", self.target)
 
-    def log(self, metrics: dict, step: int, batch, out) -> None:
+    def log(self, metrics: dict, step: int, batch, out, steps=()) -> None:
+        """An epoch: `steps` are its optimizer steps as (global step, {tag: 0-d tensor}),
+        read here at once, so logging them costs no host synchronisation inside a step."""
+        for global_step, values in steps:
+            for key, value in values.items():
+                self.writer.add_scalar(key, float(value), global_step)
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, step)
@@ -71,11 +81,40 @@ class EpochLogger:
     def sync(self) -> None:
         """Copy this writer's event files to the run's storage (object storage only)."""
         if self.remote:
-            for path in sorted(self.dir.glob("events.out.tfevents.*")):
-                storage.upload(path, storage.join(self.target, path.name))
+            for path in sorted(self.dir.rglob("events.out.tfevents.*")):
+                relative = path.relative_to(self.dir).as_posix()
+                storage.upload(path, storage.join(self.target, relative))
 
-    def close(self) -> None:
+    def close(self, metrics: dict | None = None) -> None:
+        """End of the run: hyperparameters + the final validation metrics (HParams tab)."""
+        if metrics:
+            final = {
+                f"hparam/{key}": float(value)
+                for key, value in metrics.items()
+                if key.startswith("val/") and isinstance(value, (int, float)) and value == value
+            }
+            self.writer.add_hparams(hparams(self.cfg), final, run_name="hparams")
         self.writer.close()
         if self.remote:
             self.sync()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+HPARAM_SECTIONS = ("data", "model", "loss", "optim")
+
+
+def hparams(cfg: Config) -> dict:
+    """The experiment's settings as HParams columns: every field of the data, model, loss
+    and optim blocks (lists as text, as the plugin takes scalars and strings only), the
+    seed and the worker count."""
+    values = flatten({k: v for k, v in to_dict(cfg).items() if k in HPARAM_SECTIONS})
+    values |= {"run.seed": cfg.run.seed, "run.num_workers": cfg.run.num_workers}
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in values.items()
+    }
+
+
+def _as_code(text: str) -> str:
+    """TensorBoard renders text as Markdown: indented four spaces, a block of code."""
+    return "\n".join("    " + line for line in text.splitlines())

@@ -199,6 +199,69 @@ def release_placement_groups(train_runs: str):
     return ReleasePlacementGroups()
 
 
+def trial_count(sweep: Sweep) -> int:
+    """How many trials the sweep runs: num_samples times every grid's size."""
+    grids = [len(spec["values"]) for spec in sweep.space.values() if spec["type"] == "grid"]
+    return sweep.num_samples * math.prod(grids)
+
+
+def trial_progress(total: int, metric: str, mode: str, unit: str = "trial"):
+    """A Tune callback drawing a progress bar on the driver: trials finished / total, those
+    running, and the best `metric` reported so far (Tune's own status tables are off)."""
+    from ray import tune
+    from tqdm import tqdm
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.best: float | None = None
+            self.running: set[str] = set()
+            self.done = 0
+            self._tqdm = None  # made on first use: Tune pickles its callbacks with the sweep
+
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k != "_tqdm"} | {"_tqdm": None}
+
+        @property
+        def bar(self):
+            if self._tqdm is None:
+                self._tqdm = tqdm(total=total, desc=f"{unit}s", unit=unit, initial=self.done)
+            return self._tqdm
+
+        def _show(self) -> None:
+            best = "-" if self.best is None else f"{self.best:.3f}"
+            self.bar.set_postfix_str(f"running {len(self.running)}, best {metric} {best}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(str(trial))
+            self._show()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            if not isinstance(value, (int, float)) or value != value:
+                return  # not reported, or NaN (undefined on this split)
+            if self.best is None or (value > self.best if mode == "max" else value < self.best):
+                self.best = float(value)
+                self._show()
+
+        def _finished(self, trial) -> None:
+            self.running.discard(str(trial))
+            self.done += 1
+            self.bar.update(1)
+            self._show()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def on_experiment_end(self, trials, **info):
+            if self._tqdm is not None:
+                self._tqdm.close()
+
+    return TrialProgress()
+
+
 def make_trainable(base: dict, sweep_name: str, driver_cpus: float):
     """The Tune function trainable: build this trial's TorchTrainer and fit it."""
 
@@ -261,7 +324,11 @@ def build_tuner(base: Config, sweep: Sweep, name: str, *, resources: dict[str, f
             name=name,
             storage_path=base.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
-            callbacks=[release_placement_groups(storage.join(path, "train-runs"))],
+            callbacks=[
+                release_placement_groups(storage.join(path, "train-runs")),
+                trial_progress(trial_count(sweep), sweep.metric, sweep.mode),
+            ],
+            verbose=0,  # the progress bar above instead of Tune's status tables
         ),
     )
 

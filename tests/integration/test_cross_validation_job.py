@@ -4,6 +4,7 @@ and evaluate / predict taking the ensemble as one model."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,4 +87,48 @@ def test_predict_takes_the_ensemble(cross_validated, tmp_path):
     )
     assert (table["status"] == "ok").all() and len(table) > 0
     assert Path(tmp_path / "p.csv").is_file()
-    assert table["os_risk"].notna().all()
+    assert table["os_log_relative_hazard"].notna().all()
+    assert (table["model"] == "cv (ensemble of 2)").all()
+
+
+def test_the_ensemble_reference_is_stored_and_a_moved_ensemble_predicts(
+    cross_validated, tmp_path, monkeypatch
+):
+    """Training the folds stores each member's reference and the ensemble's; predict on a
+    moved copy of the runs uses them and scores no training cohort again, with the same
+    numbers as the refitted path."""
+    from mmdls_dist.evaluation import ensemble as ensemble_module
+    from mmdls_dist.evaluation import reference as reference_module
+
+    shards, runs = cross_validated
+    cfg = EvalConfig(parts=1, batch_size=4)
+    stored = json.loads((runs / "cv" / "reference.json").read_text())
+    assert len(stored["checkpoints"]) == 2
+    assert all((runs / f"cv-fold{k}" / "reference.json").is_file() for k in range(2))
+    plain = tmp_path / "without"  # the same runs without stored references: refitted
+    shutil.copytree(runs, plain, ignore=shutil.ignore_patterns("cv-trials", "reference.json"))
+    refit = run_prediction(
+        str(plain / "cv"),
+        tmp_path / "a.csv",
+        cfg,
+        lambda d: serial_mapper(d),
+        shards=str(shards),
+        split="external",
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(runs, moved, ignore=shutil.ignore_patterns("cv-trials"))
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a member's training cohort was scored again")
+
+    monkeypatch.setattr(ensemble_module, "training_frame", no_refit)
+    monkeypatch.setattr(reference_module, "training_frame", no_refit)
+    table = run_prediction(
+        str(moved / "cv"),
+        tmp_path / "b.csv",
+        cfg,
+        lambda d: serial_mapper(d),
+        shards=str(shards),
+        split="external",
+    )
+    pd.testing.assert_frame_equal(table, refit, check_exact=False, atol=1.5e-3)

@@ -10,26 +10,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import train_config
+from helpers import TINY_TRAIN
 
 from mmdls_dist.cli import main
-from mmdls_dist.config import EvalConfig
+from mmdls_dist.config import EvalConfig, load_config
 from mmdls_dist.data.schema import STAGES
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.evaluate import run_evaluation
 from mmdls_dist.evaluation.predict import run_prediction
 from mmdls_dist.metrics.classification import macro_ovr_auc
 from mmdls_dist.parallel import ray_mapper
-from mmdls_dist.train.launch import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def trained_run(ray_session, shard_dir, tmp_path_factory) -> Path:
+    """Trained as `mmdls train` trains: fit, then the reference stored in the run folder."""
     storage = tmp_path_factory.mktemp("runs")
-    result = fit(train_config(shard_dir, storage, "tiny", "optim.epochs=2"))
-    assert result.error is None
+    argv = ["train", "--shards", str(shard_dir)]
+    for item in (*TINY_TRAIN, f"run.storage_path={storage}", "run.name=tiny", "optim.epochs=2"):
+        argv += ["--set", item]
+    assert main(argv) == 0
     return storage / "tiny"
 
 
@@ -54,7 +56,7 @@ def strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_report_has_every_split_center_and_model(evaluation, shard_dir):
+def test_report_has_every_split_center_and_model(trained_run, evaluation, shard_dir):
     out, metrics = evaluation
     manifest = load_manifest(str(shard_dir))
     saved = strict_json(out / "metrics.json")  # NaN written as null
@@ -70,7 +72,11 @@ def test_report_has_every_split_center_and_model(evaluation, shard_dir):
         assert {"harrell_c", "uno_c", "td_auc", "brier", "risk_groups"} <= set(m["os"])
         assert set(m["histology"]) >= {"n", "positives"}
     page = (out / "report.html").read_text()
-    assert "Model comparison" in page and "best / external: all centers" in page
+    assert "Model comparison" in page and "best / external (held-out centers): all centers" in page
+    assert page.index("Headline: best") < page.index("Model comparison")
+    assert "Provenance and methods" in page and "stored in" not in page  # refit on train here
+    best = json.loads((trained_run / "best.json").read_text())["checkpoint"]
+    assert f"tiny/{best}" in page  # the checkpoint named in the provenance
     assert (out / "figures" / "best-test-overlays.png").exists()
     assert "HOSP-A-0" not in page  # no patient ids in the shared report
 
@@ -160,9 +166,19 @@ def test_predict_on_new_patients(trained_run, evaluation, synth_cohort, tmp_path
     same = ok.index[~ok.index.isin(withheld)]
     moved = ok.index[ok.index.isin(withheld)]
     assert len(same) and len(moved)
-    for column, theirs in (("os_risk", "os_risk"), ("histology_prob_lusc", "histology_prob")):
-        np.testing.assert_allclose(ok.loc[same, column], evaluated.loc[same, theirs], atol=1e-5)
-    assert not np.allclose(ok.loc[moved, "os_risk"], evaluated.loc[moved, "os_risk"], atol=1e-5)
+    pairs = (("os_log_relative_hazard", "os_risk"), ("histology_prob_lusc", "histology_prob"))
+    for column, theirs in pairs:  # the CSV rounds to 3 decimals
+        np.testing.assert_allclose(ok.loc[same, column], evaluated.loc[same, theirs], atol=6e-4)
+    risk = ok["os_log_relative_hazard"]
+    assert not np.allclose(risk.loc[moved], evaluated.loc[moved, "os_risk"], atol=2e-3)
+    assert (
+        ok["model"] == f"tiny/{json.loads((trained_run / 'best.json').read_text())['checkpoint']}"
+    ).all()
+    assert ok.loc[moved, "missing_inputs"].str.contains("lesion contour").all()
+    contoured = [p for p in ok.index if (tmp_path / "new" / "images" / p / "lesion").is_dir()]
+    assert contoured
+    assert not ok.loc[contoured, "missing_inputs"].fillna("").str.contains("contour").any()
+    assert (ok["histology_prob_lusc"].round(3) == ok["histology_prob_lusc"]).all()
     masks = sorted((tmp_path / "masks" / same[0] / "lesion").glob("*.png"))
     assert masks and masks[0].name in {p.name for p in (raw / "images" / same[0] / "ct").iterdir()}
 
@@ -232,3 +248,49 @@ def test_cli_evaluate_and_predict_from_shards(trained_run, shard_dir, tmp_path, 
     assert code == 0
     n_external = load_manifest(str(shard_dir))["splits"]["external"]["n_patients"]
     assert len(pd.read_csv(tmp_path / "ext.csv")) == n_external
+
+
+def test_the_reference_is_fitted_when_training_ends(
+    trained_run, evaluation, shard_dir, tmp_path, monkeypatch
+):
+    """`mmdls train` stores the deployed checkpoint's reference beside best.json; it is
+    the one an evaluation fits on the training split, and predict applies it from a moved
+    run folder without running inference on the training cohort again."""
+    from mmdls_dist.evaluation import reference as reference_module
+
+    _, metrics = evaluation
+    resolved = load_config(str(trained_run / "config.yaml"))  # the run's config, as a file
+    assert resolved.run.name == "tiny" and resolved.optim.epochs == 2
+    stored = json.loads((trained_run / "reference.json").read_text())
+    best = json.loads((trained_run / "best.json").read_text())["checkpoint"]
+    assert stored["checkpoints"] == [f"tiny/{best}"]
+    refit = metrics["models"]["best"]["reference"]
+    for endpoint in ("dfs", "os"):
+        np.testing.assert_allclose(
+            stored["cutpoints"][endpoint], refit["cutpoints"][endpoint], atol=1e-5
+        )
+    assert stored["temperature"] == pytest.approx(refit["temperature"], abs=1e-4)
+    assert stored["histology_threshold"] == pytest.approx(refit["histology_threshold"], abs=1e-4)
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(trained_run, moved)
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("the training cohort was scored again")
+
+    monkeypatch.setattr(reference_module, "training_frame", no_refit)
+    table = run_prediction(
+        str(moved),
+        tmp_path / "p.csv",
+        EvalConfig(parts=1, batch_size=4),
+        ray_mapper,
+        shards=str(shard_dir),
+        split="external",
+    ).set_index("patient_id")
+    evaluated = pd.read_csv(evaluation[0] / "predictions-best.csv").set_index("patient_id")
+    np.testing.assert_allclose(
+        table["os_log_relative_hazard"], evaluated.loc[table.index, "os_risk"], atol=6e-4
+    )
+    groups = np.where(
+        evaluated.loc[table.index, "os_risk"] >= stored["cutpoints"]["os"][1], "high", "x"
+    )
+    assert ((table["os_risk_group"] == "high") == (groups == "high")).all()

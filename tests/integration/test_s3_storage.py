@@ -72,5 +72,8 @@ def test_evaluate_and_predict_read_the_run_and_shards_from_the_bucket(
     assert (table["status"] == "ok").all()
     ids = table.index
     pd.testing.assert_series_equal(
-        table.loc[ids, "os_risk"], evaluated.loc[ids, "os_risk"], check_names=False, atol=1e-5
+        table.loc[ids, "os_log_relative_hazard"],
+        evaluated.loc[ids, "os_risk"],
+        check_names=False,
+        atol=6e-4,  # the CSV rounds to 3 decimals
     )

@@ -113,3 +113,26 @@ def test_flag_help_is_the_field_comment(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--val-fraction VAL_FRACTION share of the internal (non-external) patients" in text
     assert "[prep.val_fraction; dataclass default 0.2]" in text
+
+
+def test_ingest_for_prediction_checks_a_folder_as_predict_reads_it(tmp_path, capsys):
+    """New patients come without outcomes and lung masks: plain ingest rejects them (a
+    missing column is a defect for training), --for-prediction accepts them and still
+    reports a real defect."""
+    from mmdls_dist.data.schema import CLINICAL_CSV_COLUMNS, LABEL_COLUMNS
+
+    root = tmp_path / "new"
+    labels = {c.name for c in LABEL_COLUMNS}
+    columns = [c for c in CLINICAL_CSV_COLUMNS if c not in labels]
+    write_clinical(root, [row("P1"), row("P2", age="old")], columns)
+    for k, pid in enumerate(("P1", "P2")):
+        good_patient(root, pid, seed=k)
+        shutil.rmtree(root / "images" / pid / "lung")
+    assert main(["ingest", str(root), "--executor", "serial"]) == 1
+    capsys.readouterr()
+    assert main(["ingest", str(root), "--executor", "serial", "--for-prediction"]) == 1
+    out = capsys.readouterr().out
+    assert "2 patients read, 1 kept, 1 rejected" in out
+    assert "patient P2: age" in out and "P1" not in out.split("rejected")[-1]
+    write_clinical(root, [row("P1"), row("P2")], columns)
+    assert main(["ingest", str(root), "--executor", "serial", "--for-prediction"]) == 0

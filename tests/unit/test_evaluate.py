@@ -111,10 +111,88 @@ def test_centers_get_their_own_sections_and_report_is_written(cohort, tmp_path):
         tmp_path, results, {"summary": "test", "overlay_split": "val", "horizons": HORIZONS}, {}
     )
     text = page.read_text()
-    assert "Model comparison" in text and "full / external: all centers" in text
-    assert "full / val: A" in text and text.count("data:image/png;base64,") >= 6
-    assert (tmp_path / "figures" / "full-external-km-os.png").stat().st_size > 10_000
+    assert "Model comparison" in text
+    assert "full / external (held-out centers): all centers" in text
+    assert "full / validation (internal): A" in text
+    assert text.count("data:image/png;base64,") >= 12
+    for name in ("external-km-os", "external-stage-roc", "external-calibration-dfs"):
+        assert (tmp_path / "figures" / f"full-{name}.png").stat().st_size > 10_000
     assert "val-0001" not in text  # patient ids stay out of the report
+    # The headline comes first: the external split with its CI and the published range.
+    head = text.index("Headline: full")
+    assert head < text.index("Model comparison") < text.index("every split")
+    assert "external (held-out centers)" in text[head : text.index("Headline: clinical only")]
+    assert "0.85-0.92" in text and "publication (reported)" in text
+    ext = out["external"]["all"]
+    auc, (lo, hi) = ext["histology"]["auc"], ext["ci95"]["histology.auc"]
+    assert f"{auc:.3f} <small>({lo:.3f}–{hi:.3f})</small>" in text[head:]
+    assert "Small sample" not in text  # no group here is under 50 patients
+
+
+def test_degenerate_estimates_small_groups_and_p_values_are_flagged(tmp_path):
+    from mmdls_dist.evaluation.report import _p, hazard_table, small_sample_warnings
+
+    m = {
+        "n_patients": 12,
+        "dfs": {"n": 12, "events": 4, "risk_groups": {}},
+        "os": {
+            "n": 12,
+            "events": 5,
+            "risk_groups": {
+                "logrank_p": 2e-5,
+                "hazard_ratios": {
+                    "high": {
+                        "hr": 78413842.33,
+                        "ci_low": 0.0,
+                        "ci_high": float("inf"),
+                        "p": 0.99,
+                        "estimable": False,
+                    },
+                    "intermediate": {
+                        "hr": 2.5,
+                        "ci_low": 1.1,
+                        "ci_high": 5.0,
+                        "p": 0.0004,
+                        "estimable": True,
+                    },
+                },
+            },
+        },
+    }
+    table = hazard_table(m)
+    assert "78413842" not in table and "not estimable" in table
+    assert "2.50" in table and "< 0.001" in table  # the estimable one, its p as < 0.001
+    warnings = small_sample_warnings(m)
+    assert any("12 patients" in w for w in warnings)
+    assert any(w.startswith("DFS: 4 events") for w in warnings)
+    assert _p(0.0123) == "0.012" and _p(float("nan")) == "–"
+
+
+def test_the_provenance_section_names_checkpoint_hashes_and_versions(tmp_path):
+    from mmdls_dist.evaluation.evaluate import software_versions
+    from mmdls_dist.evaluation.report import provenance_section
+
+    provenance = {
+        "models": {
+            "run": {
+                "members": [
+                    {
+                        "checkpoint": "r/checkpoint_1",
+                        "epoch": 6,
+                        "config_sha256": "abc123",
+                        "manifest_sha256": "def456",
+                        "shards": "/data/shards",
+                    }
+                ],
+                "reference": "cut-points on 400 training patients",
+            }
+        },
+        "software": software_versions(),
+    }
+    text = provenance_section(provenance, "baselines from the training split")
+    for expected in ("r/checkpoint_1", "abc123", "def456", "400 training patients", "torch"):
+        assert expected in text
+    assert provenance["software"]["torch"].startswith("2.")
 
 
 def test_longer_external_follow_up_is_scored_not_an_abort(tmp_path):

@@ -42,7 +42,7 @@ ALLOWED = {
     "metrics": {"metrics"},
     "data": {"data", "metrics", "config", "storage"},
     "model": {"model", "data.schema", "metrics", "config"},
-    "train": {"train", "model", "data", "metrics", "config", "storage"},
+    "train": {"train", "model", "data", "metrics", "config", "options", "storage"},
     "evaluation": {"evaluation", "train.checkpoint", "model", "data", "metrics", "config"},
 }
 

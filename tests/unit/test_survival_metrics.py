@@ -179,6 +179,43 @@ def test_km_groups_logrank_and_dummy_coded_hazard_ratios():
     assert hr["high"]["hr"] == pytest.approx(fitted.summary.loc["high", "exp(coef)"])
 
 
+def test_km_curves_carry_lifelines_bands_and_censor_ticks():
+    from lifelines import KaplanMeierFitter
+
+    rng = np.random.default_rng(1)
+    time = rng.exponential(20.0, 300)
+    event = rng.random(300) < 0.6
+    groups = np.zeros(300, dtype=int)
+    curve = sm.kaplan_meier_groups(time, event, groups, (0.0, 12.0))["curves"]["low"]
+    km = KaplanMeierFitter().fit(time, event)
+    band = km.confidence_interval_survival_function_
+    np.testing.assert_allclose(curve["lower"], band.iloc[:, 0])
+    np.testing.assert_allclose(curve["upper"], band.iloc[:, 1])
+    assert all(
+        lo <= s <= up
+        for lo, s, up in zip(curve["lower"], curve["survival"], curve["upper"], strict=True)
+    )
+    assert curve["censored"] == sorted(set(time[~event].tolist()))
+    np.testing.assert_allclose(
+        curve["censored_survival"], km.survival_function_at_times(curve["censored"])
+    )
+
+
+def test_a_group_without_events_gives_a_flagged_hazard_ratio_not_a_number():
+    """A small center where the high-risk group has no event: lifelines reports a divergent
+    HR with a (0, inf)-like CI; it is flagged as not estimable."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat([0, 1, 2], [40, 40, 6])
+    time = rng.exponential(20.0, len(groups))
+    event = rng.random(len(groups)) < 0.5
+    event[groups == 2] = False
+    hr = sm.kaplan_meier_groups(time, event, groups, (0.0,))["hazard_ratios"]
+    assert hr["intermediate"]["estimable"]
+    assert not hr["high"]["estimable"]
+    assert not sm.hr_estimable({"hr": 7.8e7, "ci_low": 0.0, "ci_high": float("inf")}, 3)
+    assert sm.hr_estimable({"hr": 2.1, "ci_low": 1.2, "ci_high": 3.5}, 10)
+
+
 def test_undefined_cases_are_nan_not_numbers():
     assert np.isnan(sm.harrell_c([1.0, 2.0], [1.0, 2.0], [False, False]))
     km = sm.CensoringKM.fit([1.0, 2.0, 3.0], [True, False, True])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fsspec
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mmdls_dist.config import load_config
-from mmdls_dist.train.tensorboard import EpochLogger, tensorboard_dir
+from mmdls_dist.train.tensorboard import EpochLogger, hparams, tensorboard_dir
 
 
 def _scalars(folder) -> dict[str, list[float]]:
@@ -39,3 +40,26 @@ def test_local_runs_write_into_the_run_folder(tmp_path):
     board.log({"train/loss": 1.5}, 3, None, None)
     board.close()
     assert _scalars(tmp_path / "r" / "tensorboard")["train/loss"] == [1.5]
+
+
+def test_steps_config_text_and_hparams(tmp_path):
+    cfg = load_config("debug", [f"run.storage_path={tmp_path}", "run.name=r", "optim.lr=0.002"])
+    board = EpochLogger(cfg)
+    steps = [(1, {"step/loss": torch.tensor(2.5)}), (2, {"step/loss": torch.tensor(2.0)})]
+    board.log({"train/loss": 2.2, "val/cindex_os": 0.61, "epoch": 0}, 2, None, None, steps)
+    board.close({"train/loss": 2.2, "val/cindex_os": 0.61, "val/auc_stage": float("nan")})
+    folder = tmp_path / "r" / "tensorboard"
+    scalars = _scalars(folder)
+    assert scalars["step/loss"] == [2.5, 2.0]  # one point per optimizer step
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    (text,) = acc.Tensors("config/text_summary")
+    assert "lr: 0.002" in text.tensor_proto.string_val[0].decode()
+    session = EventAccumulator(str(folder / "hparams"))
+    session.Reload()
+    assert session.Scalars("hparam/val/cindex_os")[0].value == pytest.approx(0.61)
+    assert "hparam/val/auc_stage" not in session.Tags()["scalars"]  # undefined: left out
+    assert session.PluginTagToContent("hparams")  # the HParams plugin's experiment records
+    values = hparams(cfg)
+    assert values["optim.lr"] == 0.002 and values["model.widths"] == "[8, 16, 32, 48]"
+    assert "run.storage_path" not in values  # where a run lives is not an experiment setting

@@ -16,6 +16,8 @@ from mmdls_dist.train.tune import (
     search_space,
     sweep_path,
     trial_config,
+    trial_count,
+    trial_progress,
 )
 
 
@@ -88,3 +90,32 @@ def test_best_config_is_the_best_finished_trial():
     best = best_config(base, table, sweep, "sw")
     assert best.optim.lr == 0.002 and best.run.name == "sw-best"  # the error row is ignored
     assert best_config(base, table.assign(status="error"), sweep, "sw") is None
+
+
+def test_the_progress_bar_counts_trials_and_keeps_the_best():
+    from ray import cloudpickle  # what Tune pickles its callbacks with
+
+    space = {
+        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "model.dropout": {"type": "grid", "values": [0.0, 0.1, 0.2]},
+        "model.patient_fusion": {"type": "grid", "values": ["attention", "concat"]},
+    }
+    assert trial_count(Sweep(space=space, num_samples=2)) == 12  # 2 x 3 x 2
+    assert trial_count(Sweep(space={"optim.lr": space["optim.lr"]}, num_samples=4)) == 4
+    bar = trial_progress(3, "val/composite", "max")
+    bar = cloudpickle.loads(
+        cloudpickle.dumps(bar)
+    )  # Tune pickles its callbacks with the sweep state
+    for trial, value in (("a", 0.61), ("b", float("nan")), ("c", 0.58)):
+        bar.on_trial_start(0, [], trial)
+        bar.on_trial_result(0, [], trial, {"val/composite": value})
+    assert bar.best == 0.61 and len(bar.running) == 3
+    bar.on_trial_complete(0, [], "a")
+    bar.on_trial_error(0, [], "b")
+    assert bar.bar.n == 2 and bar.running == {"c"}
+    again = cloudpickle.loads(
+        cloudpickle.dumps(bar)
+    )  # e.g. a resumed sweep: the count carries over
+    assert again.bar.n == 2 and again.best == 0.61
+    bar.on_experiment_end([])
+    again.on_experiment_end([])
