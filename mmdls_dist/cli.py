@@ -103,6 +103,61 @@ def cmd_ingest(args: argparse.Namespace, cfg: None) -> int:
     return 0 if report.ok else 1
 
 
+def _import(kind: str, args: argparse.Namespace) -> int:
+    from mmdls_dist.data.imports.importer import run_import
+    from mmdls_dist.data.imports.mapping import load_mapping
+    from mmdls_dist.data.ingest import read_cohort
+
+    mapping = load_mapping(args.mapping)
+    report = run_import(
+        kind, args.source, args.out, args.clinical, mapping, _mapper(args, f"import {kind}")
+    )
+    print(report.summary(max_defects=args.max_defects))
+    written = read_cohort(args.out, mapper=_mapper(args, "check images"))
+    print(written.summary(max_defects=args.max_defects))
+    return 0 if report.ok and written.ok else 1
+
+
+IMPORT_ARGS = (
+    arg("out", help="new DATA_ROOT to write (the raw layout)"),
+    arg("--clinical", required=True, help="the site's clinical table (CSV)"),
+    arg("--mapping", help="mapping YAML (columns, units, codes, ROIs, window), or lung1"),
+    arg("--max-defects", type=int, default=200, help="defects printed"),
+    *EXECUTOR,
+)
+
+
+@command(
+    "import-dicom",
+    "DICOM CT (+ RTSTRUCT / SEG, PET) and a clinical table -> the raw layout",
+    arg("source", help="folder of DICOM files (any depth, one or more patients)"),
+    *IMPORT_ARGS,
+    settings=False,
+)
+def cmd_import_dicom(args: argparse.Namespace, cfg: None) -> int:
+    """Import a DICOM export: per patient the CT series (slices ordered by position along
+    the slice normal, HU from the rescale tags), the lesion and lung ROIs of its RTSTRUCT
+    or SEG rasterised onto it, SUV features from a PET series, the clinical table mapped by
+    --mapping; resampled, windowed PNG slices in OUT. Every defect is listed (file, patient,
+    DICOM attribute), such patients are not written; exit 1 if any. Then OUT is checked as
+    `mmdls ingest` checks it."""
+    return _import("dicom", args)
+
+
+@command(
+    "import-nifti",
+    "NIfTI CT + mask volumes and a clinical table -> the raw layout",
+    arg("source", help="one folder per patient with its CT and mask volumes"),
+    *IMPORT_ARGS,
+    settings=False,
+)
+def cmd_import_nifti(args: argparse.Namespace, cfg: None) -> int:
+    """Import NIfTI volumes (file names from --mapping: nifti_ct, nifti_lesion, nifti_lung),
+    reoriented from their affine to the layout a DICOM import gives, resampled and
+    windowed the same way."""
+    return _import("nifti", args)
+
+
 @command(
     "shard",
     "validate, split and write WebDataset shards",

@@ -59,7 +59,7 @@ def test_shard_verify_and_stream(tmp_path, capsys, synth_cohort):
 def test_help_explains_every_command(capsys):
     from mmdls_dist.cli import COMMANDS
 
-    assert len(COMMANDS.commands) == 9
+    assert len(COMMANDS.commands) == 11  # with import-dicom and import-nifti
     for command in COMMANDS.commands:
         try:
             main([command, "--help"])

@@ -40,7 +40,7 @@ def test_ray_is_imported_only_at_the_edges():
 # stage -> the stages it may import (mmdls_dist.<stage>...)
 ALLOWED = {
     "metrics": {"metrics"},
-    "data": {"data", "metrics", "config", "storage"},
+    "data": {"data", "metrics", "config", "options", "storage"},
     "model": {"model", "data.schema", "metrics", "config"},
     "train": {"train", "model", "data", "metrics", "config", "options", "storage"},
     "evaluation": {"evaluation", "train.checkpoint", "model", "data", "metrics", "config"},
