@@ -56,7 +56,9 @@ def make_shards(out: Path, patients: int, processes: int) -> str:
     return str(shards)
 
 
-def measure(shards: str, batch: int, steps: int, workers: int, device: torch.device) -> dict:
+def measure(
+    shards: str, batch: int, steps: int, workers: int, device: torch.device, compile_mode: str
+) -> dict:
     cfg = load_config(
         "paper",
         [
@@ -66,6 +68,7 @@ def measure(shards: str, batch: int, steps: int, workers: int, device: torch.dev
             f"data.num_workers={workers}",
             "run.num_workers=1",
             "optim.epochs=2",
+            f"run.compile={compile_mode}",
         ],
     )
     trainer = Trainer(cfg, device, 0, 1, lambda module: module.to(device))
@@ -83,7 +86,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=160)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps measured")
-    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16, 32])
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        help="run.compile modes to compare (off default max-autotune reduce-overhead)",
+    )
     parser.add_argument("--loader-workers", type=int, default=6)
     parser.add_argument("--out", default="bench-out/gpu")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
@@ -93,13 +102,15 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"paper preset on {name}, bf16 + channels_last, {args.loader_workers} loader workers")
-    for batch in args.batch:
-        row = measure(shards, batch, args.steps, args.loader_workers, device)
-        print(
-            f"  batch {batch:>3}: {row['train/patients_per_s']:7.1f} patients/s per GPU, "
-            f"data wait {row['train/data_wait_fraction']:.1%} of step time, "
-            f"peak {row['peak_GiB']:.1f} GiB"
-        )
+    for mode in args.compile:
+        for batch in args.batch:
+            row = measure(shards, batch, args.steps, args.loader_workers, device, mode)
+            print(
+                f"  compile {mode:<15} batch {batch:>3}: "
+                f"{row['train/patients_per_s']:7.1f} patients/s per GPU, "
+                f"data wait {row['train/data_wait_fraction']:.1%} of step time, "
+                f"peak {row['peak_GiB']:.1f} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ class OptimConfig:
             raise ValueError("optim.gt_mask_warmup_epochs and early_stopping_patience >= 0")
 
 
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run lives and what resources it takes (Ray Train's scaling and run config)."""
@@ -218,6 +221,9 @@ class RunConfig:
     tensorboard_dir: str = ""  # "" = <storage_path>/<name>/tensorboard (on object storage:
     # written locally and copied there by rank 0 after every epoch)
     overlays: int = 4  # segmentation overlays logged to TensorBoard per epoch, >= 0
+    compile: str = resumable("off")  # torch.compile of the network: "off", "default",
+    # "max-autotune" or "reduce-overhead" (CUDA graphs); not "off": the imaging branch runs
+    # on every slice slot (static shapes, MMDLS static_slices); GPU figures pending
     progress_every_s: float = resumable(30.0)  # rank 0 logs a progress line (step, patients/s,
     # running loss, ETA) this often inside an epoch, in seconds; 0 = only the epoch line
 
@@ -235,6 +241,7 @@ class RunConfig:
         if self.progress_every_s < 0:
             raise ValueError("run.progress_every_s must be >= 0")
         choice("run.mode", self.mode, ("max", "min"))
+        choice("run.compile", self.compile, COMPILE_MODES)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,14 @@ from mmdls_dist.model.layers import normalise_ct
 from mmdls_dist.model.output import PAD_LOGIT, ModelOutput
 from mmdls_dist.model.reader import LesionReader
 from mmdls_dist.model.segmentor import LungLesionSegmentor
-from mmdls_dist.model.views import LesionEncoder, MaskPolicy, SliceContext, SpaceEncoder
+from mmdls_dist.model.views import (
+    LesionEncoder,
+    MaskPolicy,
+    SliceContext,
+    SpaceEncoder,
+    slots,
+    unslot,
+)
 
 
 def slice_views(cfg: ModelConfig) -> dict[str, nn.Module]:
@@ -60,21 +67,19 @@ def tabular_inputs(cfg: ModelConfig) -> dict[str, int]:
     return {name: width for name, (on, width) in widths.items() if on}
 
 
-def _scatter(values: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """values [N,...] for the True entries of valid [B,S] -> [B,S,...] (fill elsewhere)."""
-    out = values.new_full((*valid.shape, *values.shape[1:]), fill)
-    return out.index_put((valid,), values)
-
-
 def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
     """[N,1,h,w] quarter-resolution logits -> [N,H,W] at the input size."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 class MMDLS(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, static_slices: bool = False):
+        """static_slices: run the imaging branch on every slice slot, padded ones included
+        (their outputs are masked, so results are the same): shapes then stay fixed from
+        batch to batch, as torch.compile wants (run.compile)."""
         super().__init__()
         self.cfg = cfg
+        self.static_slices = static_slices
         e = cfg.embed_dim
         n_imaging = 0
         if cfg.use_imaging:
@@ -101,18 +106,19 @@ class MMDLS(nn.Module):
 
     def _imaging(self, batch: Batch, policy: MaskPolicy):
         """-> (imaging tokens [B,E] each, segmentation fields of ModelOutput)."""
-        valid = batch.slice_mask
+        valid, static = batch.slice_mask, self.static_slices
         ct = batch.ct.float() / 255.0  # [B,S,H,W]: uint8 -> float on the device, once
-        image = normalise_ct(ct[valid]).unsqueeze(1)  # [N,1,H,W]
+        image = normalise_ct(slots(ct, valid, static)).unsqueeze(1)  # [N,1,H,W]
         seg = self.segmentor(image)
         lung, lesion = policy.slice_masks(
-            torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits)
+            torch.sigmoid(seg.lung_logits), torch.sigmoid(seg.lesion_logits), static
         )
         context = SliceContext(image, seg, lung, lesion)
         views = torch.cat([view(context) for view in self.slice_views.values()], dim=1)
-        imaging, weights = self.slice_fusion(_scatter(self.slice_token(views), valid), valid)
+        tokens = unslot(self.slice_token(views), valid, static)
+        imaging, weights = self.slice_fusion(tokens, valid)
         lung_logits, lesion_logits = (
-            _scatter(_upsample(small, batch.ct.shape[-2:]), valid, PAD_LOGIT)
+            unslot(_upsample(small, batch.ct.shape[-2:]), valid, static, PAD_LOGIT)
             for small in (seg.lung_logits, seg.lesion_logits)
         )
         tokens = [imaging]

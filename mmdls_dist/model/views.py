@@ -32,6 +32,23 @@ from mmdls_dist.model.segmentor import SegmentorOutput
 EPS = 1e-4
 
 
+def slots(x: torch.Tensor, valid: torch.Tensor, static: bool) -> torch.Tensor:
+    """[B,S,...] -> the slices the imaging branch runs on: the real ones [N,...], or with
+    `static` every slot [B*S,...] (a shape that does not change between batches, what a
+    compiled step needs; a boolean index is data-dependent and syncs with the host)."""
+    return x.flatten(0, 1) if static else x[valid]
+
+
+def unslot(values: torch.Tensor, valid: torch.Tensor, static: bool, fill: float = 0.0):
+    """slots()'s [N,...] or [B*S,...] -> [B,S,...], `fill` on padded slots."""
+    if static:
+        shaped = values.reshape(*valid.shape, *values.shape[1:])
+        keep = valid.reshape(*valid.shape, *([1] * (values.dim() - 1)))
+        return torch.where(keep, shaped, torch.full_like(shaped, fill))
+    out = values.new_full((*valid.shape, *values.shape[1:]), fill)
+    return out.index_put((valid,), values)
+
+
 class MaskPolicy:
     """Which lesion / lung mask each view reads, for one forward pass of one batch."""
 
@@ -48,19 +65,24 @@ class MaskPolicy:
         return self.batch.lesion_mask
 
     def slice_masks(
-        self, lung_p: torch.Tensor, lesion_p: torch.Tensor
+        self, lung_p: torch.Tensor, lesion_p: torch.Tensor, static: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted soft masks [N,1,h,w] of the real slices -> the masks the slice views
-        read (same shapes): the lung takes ground truth during the warm-up only."""
+        """Predicted soft masks [N,1,h,w] of the slices the imaging branch runs on (the real
+        ones, or every slot with `static`, as slots()) -> the masks the slice views read
+        (same shapes): the lung takes ground truth during the warm-up only."""
         if not self.reads_given:
             return lung_p, lesion_p
         valid = self.batch.slice_mask
         size = lung_p.shape[-2:]
         if self.warmup > 0:
-            gt_lung = F.adaptive_avg_pool2d(self.batch.lung_mask[valid].unsqueeze(1).float(), size)
+            gt_lung = F.adaptive_avg_pool2d(
+                slots(self.batch.lung_mask, valid, static).unsqueeze(1).float(), size
+            )
             lung_p = self.warmup * gt_lung + (1 - self.warmup) * lung_p
-        gt_lesion = F.adaptive_avg_pool2d(self.given_lesion[valid].unsqueeze(1).float(), size)
-        w = self.lesion_weight[:, None].expand_as(valid)[valid].to(lesion_p.dtype)
+        gt_lesion = F.adaptive_avg_pool2d(
+            slots(self.given_lesion, valid, static).unsqueeze(1).float(), size
+        )
+        w = slots(self.lesion_weight[:, None].expand_as(valid), valid, static).to(lesion_p.dtype)
         w = w[:, None, None, None]
         return lung_p, w * gt_lesion + (1 - w) * lesion_p
 

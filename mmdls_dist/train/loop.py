@@ -40,7 +40,11 @@ class TrainModule(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.loss_cfg = cfg.loss
-        self.model = MMDLS(cfg.model)
+        self.model = MMDLS(cfg.model, static_slices=cfg.run.compile != "off")
+        if cfg.run.compile != "off":
+            # In place (nn.Module.compile): the state dict keeps its names, so checkpoints
+            # load the same with or without compilation.
+            self.model.compile(mode=cfg.run.compile)
         self.weighting = TaskWeighting(cfg.loss)
 
     def forward(self, batch: Batch, gt_mask_weight: float):
@@ -138,7 +142,10 @@ class Trainer:
         self.core: TrainModule = getattr(self.module, "module", self.module)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.optim.grad_accum)
         self.optimizer = torch.optim.AdamW(
-            self.module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+            self.module.parameters(),
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            fused=device.type == "cuda",  # one kernel for every parameter's update
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim, self.steps_per_epoch)

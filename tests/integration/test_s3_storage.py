@@ -44,9 +44,11 @@ def test_a_run_lives_in_the_bucket(s3_run):
     assert fs.exists(f"{run}/{best['checkpoint']}/state.pt")
     assert fs.exists(f"{run}/{checkpoint.RUN_IDENTITY}")
     assert best["metrics"]["epoch"] == 1  # the last epoch is deployed
-    events = fs.ls(f"{run}/tensorboard", detail=False)
-    assert events and all("events.out.tfevents." in e for e in events)
-    assert fs.size(events[0]) > 0
+    board = f"{run}/tensorboard"
+    events = [e for e in fs.ls(board, detail=False) if "events.out.tfevents." in e]
+    assert events and fs.size(events[0]) > 0
+    hparams = fs.ls(f"{board}/hparams", detail=False)  # the HParams session, copied too
+    assert hparams and all("events.out.tfevents." in e for e in hparams)
 
 
 def test_evaluate_and_predict_read_the_run_and_shards_from_the_bucket(
