@@ -73,6 +73,8 @@ def test_ct_rtstruct_and_pet_become_the_raw_layout(tmp_path):
     # Stored rotated (ImageOrientationPatient -1,0,0,0,-1,0): the import lays it out as
     # any axial series, columns to the patient's left.
     written = patient(root, "LUNG1-001", pet=True, rotated=True)
+    (root / "LUNG1-001" / "README.txt").write_text("export notes")  # not DICOM: skipped
+    (root / ".DS_Store").write_bytes(b"\0")  # hidden: not even counted
     csv = clinical(tmp_path / "lung1.csv", ["LUNG1-001,61,male,large cell,IIIa,730,1"])
     out = tmp_path / "raw"
     report = run("dicom", root, out, csv, mapping())
@@ -101,6 +103,7 @@ def test_ct_rtstruct_and_pet_become_the_raw_layout(tmp_path):
     assert float(cells["os_time"]) == pytest.approx(730 * 12 / 365.25, rel=1e-5)
     assert cells["os_event"] == "1" and cells["dfs_time"] == ""
     assert any("histology outside the mapping" in n for n in report.notes)
+    assert "1 file(s) that are not DICOM were skipped" in report.notes
     # SUVbw by hand: activity x weight / dose decayed over the hour from injection to the
     # series, over the PET voxels whose centres lie in the ellipsoid.
     pet = PetPhantom()

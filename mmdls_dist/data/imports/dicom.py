@@ -49,20 +49,15 @@ class Header:
     series: str  # SeriesInstanceUID
 
 
-def scan_folder(root: str, folder: str) -> tuple[list[Header], list[Defect], int]:
-    """Read the headers of every file under root/folder (pixel data skipped). -> (headers,
-    defects of files that are DICOM but unusable, count of non-DICOM files skipped)."""
+def scan_files(root: str, paths: list[str]) -> tuple[list[Header], list[Defect], int]:
+    """Read the headers of these files (relative to root; pixel data skipped). -> (headers,
+    defects of files that are DICOM but cannot be placed, count of non-DICOM files)."""
     base = Path(root)
     headers, defects, skipped = [], [], 0
-    top = base / folder
-    paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
-    for path in paths:
-        if path.name.startswith("."):
-            continue
-        rel = path.relative_to(base).as_posix()
+    for rel in paths:
         try:
             ds = pydicom.dcmread(
-                path,
+                base / rel,
                 stop_before_pixels=True,
                 specific_tags=["PatientID", "Modality", "SeriesInstanceUID"],
             )
@@ -75,6 +70,15 @@ def scan_folder(root: str, folder: str) -> tuple[list[Header], list[Defect], int
             continue
         headers.append(Header(rel, str(ds.PatientID), str(ds.Modality), str(ds.SeriesInstanceUID)))
     return headers, defects, skipped
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under root (any depth, hidden ones left out), relative, sorted."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 @dataclass

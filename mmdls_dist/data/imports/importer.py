@@ -329,10 +329,14 @@ def run_import(
     return report
 
 
+SCAN_CHUNK = 500  # files per header-scan task: a real export is tens of thousands of files
+
+
 def _scan_dicom(root: Path, mapper: Mapper, report: ImportReport):
-    """Headers of every file (one task per top-level entry) -> source id -> PatientFiles."""
-    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-    scanned = mapper(_scan_task, [(str(root), e) for e in entries])
+    """Headers of every file (tasks of SCAN_CHUNK files) -> source id -> PatientFiles."""
+    files = dicom.list_files(root)
+    chunks = [(str(root), files[i : i + SCAN_CHUNK]) for i in range(0, len(files), SCAN_CHUNK)]
+    scanned = mapper(_scan_task, chunks)
     headers, defects, skipped = [], [], 0
     for h, d, s in scanned:
         headers += h
@@ -343,5 +347,5 @@ def _scan_dicom(root: Path, mapper: Mapper, report: ImportReport):
     return dicom.group(headers), defects
 
 
-def _scan_task(item: tuple[str, str]):
-    return dicom.scan_folder(*item)
+def _scan_task(item: tuple[str, list[str]]):
+    return dicom.scan_files(*item)
