@@ -202,7 +202,7 @@ def write_rtstruct(
 
 
 @dataclass
-class PetPhantom:
+class PetPhantom(Phantom):
     """A PET on its own coarser grid over the same body (every other CT pixel centre and
     slice), activity in Bq/ml: a background, and in the lesion a peak at its centre that
     falls to half its excess at the lesion's surface."""
@@ -213,23 +213,12 @@ class PetPhantom:
     dr: float = 1.8
     dc: float = 1.8
     step: float = 5.0
-    x0: float = -21.15
-    y0: float = -21.15
-    z0: float = -16.25
     background: float = 2000.0
     lesion: float = 16000.0
 
-    def z(self, k: int) -> float:
-        return self.z0 + k * self.step
-
-
-def pet_points(p: PetPhantom) -> np.ndarray:
-    k, r, c = np.mgrid[0 : p.slices, 0 : p.rows, 0 : p.cols]
-    return np.stack([p.x0 + c * p.dc, p.y0 + r * p.dr, p.z0 + k * p.step], -1)
-
 
 def pet_activity(p: PetPhantom, g: Phantom) -> np.ndarray:
-    d = g.lesion_distance(pet_points(p))
+    d = g.lesion_distance(p.points())
     lesion = p.background + (p.lesion - p.background) * (1 - 0.5 * d**2)
     return np.where(d <= 1, lesion, p.background)
 
@@ -265,18 +254,7 @@ def write_pet(
             del drug.RadionuclideTotalDose
         ds.InstanceNumber = k + 1
         ds.RescaleSlope, ds.RescaleIntercept = slope, 0
-        geometry = Phantom(
-            rows=p.rows,
-            cols=p.cols,
-            slices=p.slices,
-            dr=p.dr,
-            dc=p.dc,
-            step=p.step,
-            x0=p.x0,
-            y0=p.y0,
-            z0=p.z0,
-        )
-        _image(ds, geometry, k, np.round(activity[k] / slope))
+        _image(ds, p, k, np.round(activity[k] / slope))
         ds.save_as(folder / f"PT{k:04d}.dcm", enforce_file_format=True)
     return np.round(activity / slope) * slope
 

@@ -30,6 +30,7 @@ from mmdls_dist.evaluation.reference import (
     fit_on_training_frame,
     fit_reference,
     folder_of,
+    own_cohort,
     reference_for,
     store_reference,
     stored_reference,
@@ -63,7 +64,7 @@ def ensemble_members(path: str) -> list[str] | None:
     url = storage.join(path, ENSEMBLE)
     if not storage.exists(url):
         return None
-    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    parent = folder_of(path)
     names = storage.read_json(url)["members"]
     if not names:
         raise ValueError(f"{url}: an ensemble without members")
@@ -164,7 +165,7 @@ def fit_and_store_ensemble(folder: str, cfg: EvalConfig, mapper: Callable) -> st
     members = ensemble_members(folder)
     results = []
     for ckpt in members:
-        own = training_frame(ckpt, None, "", None, cfg, mapper)
+        own = own_cohort(ckpt, cfg, mapper)
         ref = fit_on_training_frame(own, cfg.horizons)
         store_reference(folder_of(ckpt), [ckpt], ref)
         results.append((None, ref.calibrate(own), ref))

@@ -36,6 +36,7 @@ from mmdls_dist.evaluation.inference import (
 )
 from mmdls_dist.evaluation.reference import (
     Reference,
+    checkpoint_name,
     endpoint_arrays,
     load_reference,
     reference_for,
@@ -269,7 +270,7 @@ def model_provenance(ckpt: str | list[str], reference: dict) -> dict:
         epoch = storage.read_json(saved).get("epoch") if storage.exists(saved) else None
         rows.append(
             {
-                "checkpoint": "/".join(url.rstrip("/").split("/")[-2:]),
+                "checkpoint": checkpoint_name(url),
                 "epoch": None if epoch is None else int(epoch) + 1,
                 "config_sha256": _config_hash(identity["config"]),
                 "manifest_sha256": str(identity["manifest_hash"])[:16],
@@ -400,7 +401,6 @@ def run_evaluation(
         "horizons": horizons,
         "provenance": metrics["provenance"],
         "methods": metrics["settings"]["reference"],
-        "min_center_patients": cfg.min_center_patients,
     }
     write_report(out, results, meta, overlays)
     return metrics

@@ -30,7 +30,12 @@ from mmdls_dist.evaluation.inference import (
     run_inference,
     stage_probs,
 )
-from mmdls_dist.evaluation.reference import Reference, load_reference, reference_for
+from mmdls_dist.evaluation.reference import (
+    Reference,
+    checkpoint_name,
+    load_reference,
+    reference_for,
+)
 from mmdls_dist.metrics.survival import RISK_GROUPS, assign_risk_groups
 
 log = logging.getLogger(__name__)
@@ -173,7 +178,7 @@ def model_name(path: str, members: list[str] | None) -> str:
     """What the model column says: "run/checkpoint", or the ensemble and its size."""
     if members:
         return f"{path.rstrip('/').rsplit('/', 1)[-1]} (ensemble of {len(members)})"
-    return "/".join(path.rstrip("/").split("/")[-2:])
+    return checkpoint_name(path)
 
 
 def _write(table: pd.DataFrame, manifest: dict, out_csv: str | Path, model: str) -> pd.DataFrame:

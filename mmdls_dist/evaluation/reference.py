@@ -148,14 +148,19 @@ def fit_reference(
 STORED = "reference.json"  # in a run or ensemble folder, written when training ends
 
 
-def folder_of(ckpt: str) -> str:
-    """The run folder a checkpoint folder lies in."""
-    return ckpt.rstrip("/").rsplit("/", 1)[0] if "/" in ckpt.rstrip("/") else "."
+def folder_of(path: str) -> str:
+    """The folder a checkpoint (or run) folder lies in."""
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+
+
+def checkpoint_name(url: str) -> str:
+    """A checkpoint URL -> "run/checkpoint": what names it wherever the run folder lies."""
+    return "/".join(url.rstrip("/").split("/")[-2:])
 
 
 def _names(checkpoints: list[str]) -> list[str]:
-    """Checkpoint URLs -> "run/checkpoint" names: a moved run folder still matches."""
-    return ["/".join(c.rstrip("/").split("/")[-2:]) for c in checkpoints]
+    """Checkpoint URLs -> their names: a moved run folder still matches."""
+    return [checkpoint_name(c) for c in checkpoints]
 
 
 def store_reference(folder: str, checkpoints: list[str], ref: Reference) -> str:
@@ -195,7 +200,7 @@ def load_reference(path: str | Path) -> Reference:
 def training_frame(
     ckpt: str,
     frame: pd.DataFrame | None,
-    shards: str,
+    shards: str | None,
     reference_shards: str | None,
     cfg: EvalConfig,
     mapper: Callable,
@@ -244,5 +249,10 @@ def fit_and_store(run: str, cfg: EvalConfig, mapper: Callable) -> str:
     """When a run ends: its deployed checkpoint's reference, fitted on inference over its
     train and val splits, stored in the run folder. -> the file's URL."""
     ckpt = resolve_checkpoint(run)
-    ref = fit_on_training_frame(training_frame(ckpt, None, "", None, cfg, mapper), cfg.horizons)
+    ref = fit_on_training_frame(own_cohort(ckpt, cfg, mapper), cfg.horizons)
     return store_reference(run, [ckpt], ref)
+
+
+def own_cohort(ckpt: str, cfg: EvalConfig, mapper: Callable) -> pd.DataFrame:
+    """The checkpoint's predictions on its own training shards' train and val splits."""
+    return training_frame(ckpt, None, None, None, cfg, mapper)

@@ -79,7 +79,7 @@ text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:
 h2{border-bottom:2px solid #444;margin-top:2em}small{color:#666}img{max-width:100%}
 .note{background:#fff8e0;padding:0.5em 1em;border-left:4px solid #e0b000}
 .warn{background:#fdecea;padding:0.5em 1em;border-left:4px solid #c62828}
-.ext{background:#eef4fb}.disclaimer{font-size:0.9em;color:#555}
+.disclaimer{font-size:0.9em;color:#555}
 """
 
 

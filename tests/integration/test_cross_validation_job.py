@@ -74,17 +74,16 @@ def test_evaluate_scores_the_ensemble_beside_each_fold(cross_validated, tmp_path
     assert "ci95" in metrics["models"]["cv"]["splits"]["external"]["all"]
 
 
+def predict_external(ensemble: Path, shards: Path, out_csv: Path) -> pd.DataFrame:
+    """`mmdls predict` of the ensemble folder on the shards' external split."""
+    cfg = EvalConfig(parts=1, batch_size=4)
+    mapper = lambda d: serial_mapper(d)  # noqa: E731
+    return run_prediction(str(ensemble), out_csv, cfg, mapper, shards=str(shards), split="external")
+
+
 def test_predict_takes_the_ensemble(cross_validated, tmp_path):
     shards, runs = cross_validated
-    cfg = EvalConfig(parts=1, batch_size=4)
-    table = run_prediction(
-        str(runs / "cv"),
-        tmp_path / "p.csv",
-        cfg,
-        lambda d: serial_mapper(d),
-        shards=str(shards),
-        split="external",
-    )
+    table = predict_external(runs / "cv", shards, tmp_path / "p.csv")
     assert (table["status"] == "ok").all() and len(table) > 0
     assert Path(tmp_path / "p.csv").is_file()
     assert table["os_log_relative_hazard"].notna().all()
@@ -101,20 +100,12 @@ def test_the_ensemble_reference_is_stored_and_a_moved_ensemble_predicts(
     from mmdls_dist.evaluation import reference as reference_module
 
     shards, runs = cross_validated
-    cfg = EvalConfig(parts=1, batch_size=4)
     stored = json.loads((runs / "cv" / "reference.json").read_text())
     assert len(stored["checkpoints"]) == 2
     assert all((runs / f"cv-fold{k}" / "reference.json").is_file() for k in range(2))
     plain = tmp_path / "without"  # the same runs without stored references: refitted
     shutil.copytree(runs, plain, ignore=shutil.ignore_patterns("cv-trials", "reference.json"))
-    refit = run_prediction(
-        str(plain / "cv"),
-        tmp_path / "a.csv",
-        cfg,
-        lambda d: serial_mapper(d),
-        shards=str(shards),
-        split="external",
-    )
+    refit = predict_external(plain / "cv", shards, tmp_path / "a.csv")
     moved = tmp_path / "moved"
     shutil.copytree(runs, moved, ignore=shutil.ignore_patterns("cv-trials"))
 
@@ -123,12 +114,5 @@ def test_the_ensemble_reference_is_stored_and_a_moved_ensemble_predicts(
 
     monkeypatch.setattr(ensemble_module, "training_frame", no_refit)
     monkeypatch.setattr(reference_module, "training_frame", no_refit)
-    table = run_prediction(
-        str(moved / "cv"),
-        tmp_path / "b.csv",
-        cfg,
-        lambda d: serial_mapper(d),
-        shards=str(shards),
-        split="external",
-    )
+    table = predict_external(moved / "cv", shards, tmp_path / "b.csv")
     pd.testing.assert_frame_equal(table, refit, check_exact=False, atol=1.5e-3)

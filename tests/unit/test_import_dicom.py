@@ -17,7 +17,6 @@ from dicom_phantom import (
     PetPhantom,
     Phantom,
     expected_suv_factor,
-    pet_points,
     phantom_rois,
     write_ct,
     write_nifti,
@@ -107,7 +106,7 @@ def test_ct_rtstruct_and_pet_become_the_raw_layout(tmp_path):
     # SUVbw by hand: activity x weight / dose decayed over the hour from injection to the
     # series, over the PET voxels whose centres lie in the ellipsoid.
     pet = PetPhantom()
-    inside = G.lesion_distance(pet_points(pet)) <= 1
+    inside = G.lesion_distance(pet.points()) <= 1
     suv = written["activity"][inside] * expected_suv_factor()
     mtv = inside.sum() * pet.dr * pet.dc * pet.step / 1000
     assert float(cells["suv_max"]) == pytest.approx(suv.max(), rel=0.01)

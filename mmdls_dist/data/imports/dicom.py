@@ -115,7 +115,7 @@ class PatientDefectsError(Exception):
         self.defects = defects
 
 
-def _read(root: Path, rel: str, pid: str) -> pydicom.Dataset:
+def read(root: Path, rel: str, pid: str) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(root / rel)
     except (InvalidDicomError, OSError, ValueError) as exn:
@@ -144,8 +144,9 @@ def _pixels(ds: pydicom.Dataset, rel: str, pid: str) -> np.ndarray:
         ) from None
 
 
-def choose_ct_series(files: PatientFiles, root: Path, pid: str) -> str:
-    """The CT series to import: the only one, or the one an RTSTRUCT / SEG refers to."""
+def choose_ct_series(files: PatientFiles, structures: dict[str, pydicom.Dataset], pid: str) -> str:
+    """The CT series to import: the only one, or the one an RTSTRUCT (rel -> dataset)
+    refers to."""
     if not files.ct:
         raise PatientDefectsError([Defect(".", pid, "Modality", "no CT series for this patient")])
     folders = defaultdict(set)
@@ -167,7 +168,7 @@ def choose_ct_series(files: PatientFiles, root: Path, pid: str) -> str:
         )
     if len(files.ct) == 1:
         return next(iter(files.ct))
-    referenced = {uid for rel in files.rtstruct for uid in referenced_series(_read(root, rel, pid))}
+    referenced = {uid for ds in structures.values() for uid in referenced_series(ds)}
     chosen = [uid for uid in files.ct if uid in referenced]
     if len(chosen) == 1:
         return chosen[0]
@@ -198,7 +199,7 @@ def series_volume(
     """One series' files -> (Volume of rescale(stored values, dataset), datasets and paths in
     slice order). Checks: one orientation, axis-aligned (not oblique), one pixel spacing
     and size, regular slice positions."""
-    datasets = [_read(root, rel, pid) for rel in paths]
+    datasets = [read(root, rel, pid) for rel in paths]
     first = datasets[0]
     for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
         lacking = [rel for rel, ds in zip(paths, datasets, strict=True) if key not in ds]
@@ -306,9 +307,7 @@ def polygon_fill(rows_cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def roi_masks(
-    ds: pydicom.Dataset, rel: str, vol: Volume, m: ImportMapping, pid: str
-) -> dict[str, np.ndarray | None]:
+def roi_masks(ds: pydicom.Dataset, vol: Volume, m: ImportMapping) -> dict[str, np.ndarray | None]:
     """ "lesion" / "lung" -> the union of the ROIs the mapping's patterns match (None when
     none matches), rasterised on vol."""
     names = {int(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}

@@ -134,21 +134,21 @@ def import_dicom_patient(task: dict) -> PatientResult:
     pid, files = task["out_id"], dicom.PatientFiles(**task["files"])
     result = PatientResult(pid)
     try:
-        uid = dicom.choose_ct_series(files, root, pid)
+        rtstructs = {rel: dicom.read(root, rel, pid) for rel in files.rtstruct}  # read once
+        uid = dicom.choose_ct_series(files, rtstructs, pid)
         ct, datasets, paths = dicom.series_volume(
             root, sorted(files.ct[uid]), pid, dicom.hounsfield
         )
-        if axial_defect(ct):
+        not_axial = axial_defect(ct)
+        if not_axial:
             raise dicom.PatientDefectsError(
-                [Defect(paths[0], pid, "ImageOrientationPatient", axial_defect(ct))]
+                [Defect(paths[0], pid, "ImageOrientationPatient", not_axial)]
             )
         masks: dict[str, np.ndarray | None] = {"lesion": None, "lung": None}
         sources: dict[str, str] = {}
-        structures = [
-            rel
-            for rel in files.rtstruct
-            if uid in dicom.referenced_series(dicom._read(root, rel, pid))
-        ]
+        structures = {
+            rel: ds for rel, ds in rtstructs.items() if uid in dicom.referenced_series(ds)
+        }
         if files.rtstruct and not structures:
             raise dicom.PatientDefectsError(
                 [
@@ -162,13 +162,12 @@ def import_dicom_patient(task: dict) -> PatientResult:
             )
         # The sidecar names the kind of source, never its path: an export's folder names
         # often carry the hospital's patient id, which a pseudonym must not leak.
-        for rel in structures:
-            found = dicom.roi_masks(dicom._read(root, rel, pid), rel, ct, m, pid)
-            _merge(masks, sources, found, "RTSTRUCT")
+        for ds in structures.values():
+            _merge(masks, sources, dicom.roi_masks(ds, ct, m), "RTSTRUCT")
         for rel in files.seg:
             _merge(masks, sources, dicom.seg_masks(root, rel, datasets, m, pid), "SEG")
         if (files.rtstruct or files.seg) and masks["lesion"] is None:
-            where = (structures or files.seg)[0]
+            where = [*structures, *files.seg][0]
             raise dicom.PatientDefectsError(
                 [Defect(where, pid, "ROIName", f"no ROI matching {m.lesion_roi!r}")]
             )
