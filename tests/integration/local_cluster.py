@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on this machine for the tests: a head and extra nodes, each a
-`ray start --block` process of its own (its own raylet and object store) with its own
-ports on 127.0.0.1 and its own custom resources. The tests stop exactly what they started:
+`ray start --block` process of its own (its own raylet, object store and temp dir) with its
+own ports on 127.0.0.1 and its own custom resources. The tests stop exactly what they started:
 every node by the pid of its `ray start`, a node's loss by the pid of its raylet."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +62,7 @@ class LocalCluster:
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.log_dir = log_dir
         self.nodes: list[subprocess.Popen] = []
+        self.temp_dirs: list[str] = []
         self.gcs_port, self.dashboard_port = free_ports(2)
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -77,6 +80,14 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str], cpus: int, resources: dict) -> subprocess.Popen:
         node_manager, object_manager, agent, agent_grpc, metrics, runtime_env, low = free_ports(7)
+        # A temp dir of its own, as on a machine of its own. Nodes sharing /tmp/ray share
+        # one session dir and so one unpacked working_dir, which every node's runtime-env
+        # agent deletes and unpacks again when it first needs it (overwrite=True): the
+        # driver, already running from it on the head, then found half a package (seen in
+        # CI: "config 'debug' is neither a preset () nor a file"). Short, under /tmp: the
+        # session's Unix socket paths must stay under 108 characters.
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
         cmd = [
             RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
             f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
@@ -84,7 +95,7 @@ class LocalCluster:
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
             f"--min-worker-port={low}", f"--max-worker-port={low + 40}",
-            "--object-store-memory=150000000",
+            "--object-store-memory=150000000", f"--temp-dir={temp_dir}",
             *args,
         ]  # fmt: skip
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (lives with the node)
@@ -168,3 +179,5 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             self._stop(node)
+        for temp_dir in self.temp_dirs:  # only the dirs this cluster made
+            shutil.rmtree(temp_dir, ignore_errors=True)
