@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,7 +26,7 @@ def run(rank: int, world: int, init_file: str, data: dict, cuts: list[int], out:
             data["time"][lo:hi],
             data["event"][lo:hi],
             data["known"][lo:hi],
-            gather=gather_with_grad,
+            gather=functools.partial(gather_with_grad, capacity=max(np.diff(cuts))),
         )
         term.loss.backward()
         torch.save(

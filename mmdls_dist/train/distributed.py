@@ -16,10 +16,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-    """All-gather 1-D tensors of possibly different lengths per rank, concatenated in rank
-    order. The calling rank's own slice is its input tensor itself, so gradients flow into
-    its local graph; the other ranks' slices are constants. Returns (tensors, world_size).
+def gather_with_grad(*tensors: torch.Tensor, capacity: int) -> tuple[list[torch.Tensor], int]:
+    """All-gather 1-D tensors of up to `capacity` rows per rank (the per-GPU batch size),
+    each padded with zeros to `capacity`, concatenated in rank order: world x capacity rows,
+    a fixed shape, and no exchange of sizes (which would read a count back to the host).
+    The padding rows are zeros, so a `known` column marks them unknown. The calling rank's
+    own slice is its input tensor itself, so gradients flow into its local graph; the other
+    ranks' slices are constants. Returns (tensors, world_size).
 
     Why not torch.distributed.nn.all_gather: that one sends gradients back to their owners,
     and combined with DDP's own gradient averaging would count every term twice. Here each
@@ -29,21 +32,16 @@ def gather_with_grad(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     rank, world = rank_and_world()
     if world == 1:
         return list(tensors), 1
-    device = tensors[0].device
-    n = torch.tensor([tensors[0].shape[0]], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes_list = [int(s.item()) for s in sizes]
-    longest = max(sizes_list)
+    rows = tensors[0].shape[0]
+    if rows > capacity:
+        raise ValueError(f"a batch of {rows} patients on rank {rank}, over capacity {capacity}")
     out = []
     for t in tensors:
-        padded = t.new_zeros((longest, *t.shape[1:]))
-        padded[: t.shape[0]] = t.detach()
-        parts = [torch.zeros_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        pieces = [p[:k] for p, k in zip(parts, sizes_list, strict=True)]
-        pieces[rank] = t
-        out.append(torch.cat(pieces))
+        own = torch.cat([t, t.new_zeros((capacity - rows, *t.shape[1:]))])
+        parts = [torch.empty_like(own) for _ in range(world)]
+        dist.all_gather(parts, own.detach())
+        parts[rank] = own
+        out.append(torch.cat(parts))
     return out, world
 
 

@@ -8,6 +8,7 @@ ray.train.report (+ checkpoint from rank 0) -> TensorBoard and the driver.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
@@ -46,10 +47,11 @@ class TrainModule(nn.Module):
             # load the same with or without compilation.
             self.model.compile(mode=cfg.run.compile)
         self.weighting = TaskWeighting(cfg.loss)
+        self.gather = functools.partial(gather_with_grad, capacity=cfg.data.batch_size)
 
     def forward(self, batch: Batch, gt_mask_weight: float):
         output = self.model(batch, gt_mask_weight)
-        losses = compute_losses(output, batch, self.loss_cfg, self.weighting, gather_with_grad)
+        losses = compute_losses(output, batch, self.loss_cfg, self.weighting, self.gather)
         return output, losses
 
 
@@ -145,7 +147,7 @@ class Trainer:
             self.module.parameters(),
             lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay,
-            fused=device.type == "cuda",  # one kernel for every parameter's update
+            fused=True,  # one kernel for every parameter's update, no host read of the step count
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim, self.steps_per_epoch)

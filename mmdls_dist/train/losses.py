@@ -1,21 +1,21 @@
 """Multi-task losses. Each task term is a pure function; `compute_losses` returns every term
 separately plus their weighted total.
 
-Unknown labels (-1, NaN times) skip their term per patient. A term with no usable patient
-returns a zero that is still connected to the graph, so DDP sees a gradient for every
-parameter on every rank (a disconnected zero would hang or break its gradient sync).
+Unknown labels (-1, NaN times) skip their term per patient. Every term is a masked sum over
+fixed shapes: no boolean indexing, no `.item()`, nothing that makes the host wait for the
+device inside a training step (tests/unit/test_host_sync.py). A term with no usable
+patient is a zero still connected to the graph, so DDP sees a gradient for every parameter
+on every rank (a disconnected zero would hang or break its gradient sync).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from mmdls_dist.config import LossConfig
 from mmdls_dist.data.schema import ENDPOINTS, Batch
@@ -26,9 +26,10 @@ Gather = Callable[..., tuple[list[torch.Tensor], int]]
 TERMS = ("seg_lung", "seg_lesion", "histology", "stage", "cox_dfs", "cox_os")
 
 
-def _zero(*tensors: torch.Tensor) -> torch.Tensor:
-    """A 0 that depends on the tensors (keeps them in the autograd graph)."""
-    return sum(t.sum() for t in tensors) * 0.0
+def _masked_mean(per_patient: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+    """Mean of per_patient [B] over `include` [B] bool; 0 (connected) when none is."""
+    weight = include.to(per_patient.dtype)
+    return (per_patient * weight).sum() / weight.sum().clamp(min=1)
 
 
 def dice_bce_loss(
@@ -44,40 +45,72 @@ def dice_bce_loss(
     Dice per patient: 1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid.
     BCE per patient: mean over the pixels of its real slices.
     """
-    if not include.any():
-        return _zero(logits)
-    logits, target, valid = logits[include], target[include].to(logits.dtype), slice_mask[include]
-    m = valid[:, :, None, None].to(logits.dtype)
+    target = target.to(logits.dtype)
+    m = slice_mask[:, :, None, None].to(logits.dtype)
     p = torch.sigmoid(logits) * m
     t = target * m
     inter = (p * t).sum((1, 2, 3))
     dice = 1 - (2 * inter + smooth) / (p.sum((1, 2, 3)) + t.sum((1, 2, 3)) + smooth)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * m
-    pixels = m.sum((1, 2, 3)) * logits.shape[-1] * logits.shape[-2]
-    return (dice + bce.sum((1, 2, 3)) / pixels).mean()
+    pixels = m.sum((1, 2, 3)).clamp(min=1) * logits.shape[-1] * logits.shape[-2]
+    return _masked_mean(dice + bce.sum((1, 2, 3)) / pixels, include)
 
 
 def histology_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits over patients with a known label (label -1 = unknown). [B], [B]."""
-    known = label >= 0
-    if not known.any():
-        return _zero(logit)
-    return F.binary_cross_entropy_with_logits(logit[known], label[known].to(logit.dtype))
+    target = label.clamp(min=0).to(logit.dtype)
+    per_patient = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    return _masked_mean(per_patient, label >= 0)
 
 
 def stage_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over patients with a known stage. logits [B,3], label [B] (-1 unknown)."""
-    known = label >= 0
-    if not known.any():
-        return _zero(logits)
-    return F.cross_entropy(logits[known], label[known])
+    per_patient = F.cross_entropy(logits, label.clamp(min=0), reduction="none")
+    return _masked_mean(per_patient, label >= 0)
+
+
+def partial_likelihood(
+    log_hz: torch.Tensor,
+    time: torch.Tensor,
+    event: torch.Tensor,
+    known: torch.Tensor,
+    ties: str = "efron",
+) -> torch.Tensor:
+    """Negative Cox partial log-likelihood summed over the known events, Efron or Breslow
+    ties: log_hz, time [N] float, event, known [N] bool; unknown patients are in no risk
+    set. Pairwise [N, N] masks over the global batch (N = world x per-GPU batch, a few
+    thousand at most), so every shape is fixed and nothing waits on the device.
+
+    Why not torchsurv's neg_partial_log_likelihood (the tests' oracle): it takes only the
+    patients to count, so the caller must index them out with a mask, and it reads values
+    back to the host: 14 reads per call (torch.unique, .item(), boolean indexing, input
+    checks) and 2 copies to the CPU for a searchsorted, each of which stalls a GPU step and
+    none of which CUDA graphs can capture. Efron:
+    for event i, tied with d - 1 other events at its time and l-th among them,
+    -log L_i = log(sum_risk exp h - l/d sum_tied exp h) - h_i."""
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"cox ties {ties!r}: expected efron or breslow")
+    h = log_hz.to(torch.promote_types(log_hz.dtype, torch.float32))
+    dead = event & known
+    own = torch.eye(h.shape[0], dtype=torch.bool, device=h.device)  # keeps every row finite
+    at_risk = (time[None, :] >= time[:, None]) & known[None, :]
+    log_risk = torch.logsumexp(h[None, :].masked_fill(~(at_risk | own), float("-inf")), 1)
+    nll = log_risk - h
+    if ties == "efron":
+        tied = (time[None, :] == time[:, None]) & dead[None, :]  # events at patient i's time
+        log_tied = torch.logsumexp(h[None, :].masked_fill(~(tied | own), float("-inf")), 1)
+        order = torch.arange(h.shape[0], device=h.device)
+        before = (tied & (order[None, :] < order[:, None])).sum(1)  # l: tied events before i
+        share = torch.where(dead, before.to(h.dtype) / tied.sum(1).clamp(min=1), 0.0)
+        nll = nll + torch.log1p(-share * torch.exp(log_tied - log_risk))
+    return torch.where(dead, nll, 0.0).sum()
 
 
 @dataclass
 class CoxTerm:
     loss: torch.Tensor  # value = mean negative partial log-likelihood per event; see cox_loss
-    n_patients: int
-    n_events: int
+    n_patients: torch.Tensor  # known patients in the global batch (a device scalar)
+    n_events: torch.Tensor  # their events
 
 
 def cox_loss(
@@ -89,7 +122,7 @@ def cox_loss(
     ties: str = "efron",
     gather: Gather | None = None,
 ) -> CoxTerm:
-    """Cox negative partial log-likelihood (torchsurv) over the patients of all ranks.
+    """Cox negative partial log-likelihood over the patients of all ranks.
 
     log_hz [B], time [B] (months), event [B] bool, known [B] bool. With `gather` (see
     distributed.gather_with_grad) every rank sees the global batch, so the risk sets
@@ -100,7 +133,7 @@ def cox_loss(
     returned value is that global loss on every rank; its gradient is scaled by the world
     size while the value is not, so that DDP's gradient averaging yields exactly the
     full-batch gradient, and anything multiplying the term (uncertainty weights) still sees
-    the true value.
+    the true value. No event, or a lone patient (its own risk set): 0, connected.
     """
     world = 1
     values = [log_hz, time.to(torch.float32), event.to(log_hz.dtype), known.to(log_hz.dtype)]
@@ -108,22 +141,12 @@ def cox_loss(
         values, world = gather(*values)
     all_hz, all_time, all_event, all_known = values
     keep = all_known > 0
-    n_patients = int(keep.sum().item())
-    n_events = int(all_event[keep].sum().item())
-    if n_events == 0 or n_patients < 2:
-        # No event, or a lone patient (its own risk set: log-likelihood 0, and torchsurv
-        # rejects 1-element inputs): nothing to compare, a connected zero.
-        return CoxTerm(_zero(log_hz), n_patients, n_events)
-    with warnings.catch_warnings():
-        # torchsurv warns on every tied time; ties are normal in months-rounded follow-up
-        # and are handled by the chosen method, so the warning would only flood the logs.
-        warnings.filterwarnings("ignore", message="Ties in `time` detected")
-        nll = neg_partial_log_likelihood(
-            all_hz[keep], all_event[keep] > 0, all_time[keep], ties_method=ties, reduction="sum"
-        )
-    value = nll / n_events
+    dead = (all_event > 0) & keep
+    n_events = dead.sum()
+    nll = partial_likelihood(all_hz, all_time, dead, keep, ties)
+    value = nll / n_events.clamp(min=1)
     scaled = world * value - (world - 1) * value.detach()
-    return CoxTerm(scaled, n_patients, n_events)
+    return CoxTerm(scaled, keep.sum(), n_events)
 
 
 class TaskWeighting(nn.Module):
@@ -164,7 +187,8 @@ class TaskWeighting(nn.Module):
 class LossOutput:
     total: torch.Tensor  # backward() this
     parts: dict[str, torch.Tensor]  # each term's value (before weighting)
-    counts: dict[str, int] = field(default_factory=dict)  # patients / events behind each term
+    # patients / events behind each term, device scalars (read them outside the step)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def compute_losses(
@@ -176,7 +200,7 @@ def compute_losses(
 ) -> LossOutput:
     """Batch + ModelOutput -> every task term and the weighted total."""
     parts: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, torch.Tensor] = {}
     everyone = torch.ones_like(batch.lesion_annotated)
     if output.lung_logits is not None:
         parts["seg_lung"] = dice_bce_loss(
@@ -189,12 +213,12 @@ def compute_losses(
             batch.lesion_annotated,
             cfg.dice_smooth,
         )
-        counts["seg_lung"] = len(batch)
-        counts["seg_lesion"] = int(batch.lesion_annotated.sum())
+        counts["seg_lung"] = everyone.sum()
+        counts["seg_lesion"] = batch.lesion_annotated.sum()
     parts["histology"] = histology_loss(output.histology_logit, batch.histology)
-    counts["histology"] = int((batch.histology >= 0).sum())
+    counts["histology"] = (batch.histology >= 0).sum()
     parts["stage"] = stage_loss(output.stage_logits, batch.stage)
-    counts["stage"] = int((batch.stage >= 0).sum())
+    counts["stage"] = (batch.stage >= 0).sum()
     for endpoint in ENDPOINTS:
         term = cox_loss(
             getattr(output, f"{endpoint}_log_hazard"),

@@ -60,3 +60,25 @@ def test_bf16_training_step_is_finite_and_learns(batch):
         losses.append(result.total.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_a_cuda_training_step_never_waits_for_the_device(shard_dir):
+    """tests/unit/test_host_sync.py's check with CUDA's own detector: any synchronising
+    call inside the step raises (set_sync_debug_mode("error"))."""
+    from helpers import TINY_TRAIN
+
+    from mmdls_dist.config import load_config
+    from mmdls_dist.train.loop import Trainer
+
+    overrides = [*TINY_TRAIN, f"data.shards={shard_dir}", "data.num_workers=0"]
+    cfg = load_config("debug", [*overrides, "optim.precision=bf16"])
+    trainer = Trainer(cfg, torch.device("cuda"), rank=0, world=1, prepare=lambda m: m.cuda())
+    trainer.core.model.static_slices = True  # as with run.compile on
+    batch = next(iter(trainer.train_loader)).to("cuda")
+    trainer.step(batch, 0.5, last_micro=True)  # first step: lazy state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.step(batch, 0.5, last_micro=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
