@@ -164,37 +164,50 @@ class Batch:
     os_known: torch.Tensor
     patient_id: list[str] = field(default_factory=list)
     center: list[str] = field(default_factory=list)
+    # Both masks unpacked, uint8 [B,2,S,H,W], once, where the batch lives (mask_pixels).
+    _pixels: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.patient_id)
 
     @property
+    def mask_pixels(self) -> torch.Tensor:
+        """uint8 [B,2,S,H,W] 0/1: lung and lesion masks unpacked in one pass on the batch's
+        device, on first use; the model and the losses then read the same tensor."""
+        if self._pixels is None:
+            self._pixels = unpack_masks(self.masks, self.ct.shape[-2:])
+        return self._pixels
+
+    @property
     def lung_mask(self) -> torch.Tensor:
-        """uint8 [B,S,H,W] 0/1, unpacked where the batch lives."""
-        return unpack_masks(self.masks[:, 0], self.ct.shape[-2:])
+        """uint8 [B,S,H,W] 0/1."""
+        return self.mask_pixels[:, 0]
 
     @property
     def lesion_mask(self) -> torch.Tensor:
-        """uint8 [B,S,H,W] 0/1, unpacked where the batch lives."""
-        return unpack_masks(self.masks[:, 1], self.ct.shape[-2:])
+        """uint8 [B,S,H,W] 0/1."""
+        return self.mask_pixels[:, 1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name (not the unpacked masks)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.init and isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def _with(self, tensors: dict[str, torch.Tensor]) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name) for f in fields(self) if f.init} | tensors)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """Move every tensor to `device` (strings stay on the host)."""
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=non_blocking)
-            moved[f.name] = value
-        return Batch(**moved)
+        return self._with(
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
+        )
 
     def pin_memory(self) -> Batch:
         """Called by torch's DataLoader when pin_memory=True."""
-        pinned = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            pinned[f.name] = value.pin_memory() if isinstance(value, torch.Tensor) else value
-        return Batch(**pinned)
+        return self._with({k: v.pin_memory() for k, v in self.tensors().items()})
 
 
 def unpack_masks(packed: torch.Tensor, hw: tuple[int, int] | torch.Size) -> torch.Tensor:

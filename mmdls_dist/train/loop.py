@@ -88,6 +88,26 @@ def gt_mask_weight(epoch: int, cfg: OptimConfig) -> float:
     return max(0.0, 1.0 - epoch / cfg.gt_mask_warmup_epochs)
 
 
+def on_device(batches, device: torch.device):
+    """The loader's batches on `device`. On a GPU each host-to-device copy (from pinned
+    memory) runs on a side stream, so it overlaps the previous step's kernels, which are
+    still running: the host is ahead of the GPU because nothing in a step waits for it.
+    The compute stream waits for the copy before the step that reads it, and each tensor
+    is marked as used there, so the allocator does not hand its memory out early."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield batch.to(device)
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    for batch in batches:
+        with torch.cuda.stream(side):
+            moved = batch.to(device, non_blocking=True)
+        compute.wait_stream(side)
+        for value in moved.tensors().values():
+            value.record_stream(compute)
+        yield moved
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if rank_and_world()[1] > 1:
@@ -249,9 +269,8 @@ class Trainer:
             len(self.train_loader),
             self.cfg.run.progress_every_s,
         )
-        for i, batch in enumerate(self.train_loader):
+        for i, batch in enumerate(on_device(self.train_loader, self.device)):
             waited += time.perf_counter() - tick
-            batch = batch.to(self.device)
             last = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
             parts = self.step(batch, gt_weight, last)
             for key, value in parts.items():
@@ -287,8 +306,7 @@ class Trainer:
         model = self.core.model.eval()
         records: list[dict] = []
         first = None
-        for batch in self.val_loader:
-            batch = batch.to(self.device)
+        for batch in on_device(self.val_loader, self.device):
             with self.autocast():
                 out = model(batch)
             records.extend(prediction_records(batch, out))

@@ -82,3 +82,18 @@ def test_a_cuda_training_step_never_waits_for_the_device(shard_dir):
         trainer.step(batch, 0.5, last_micro=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_batches_copied_on_the_side_stream_arrive_whole(shard_dir):
+    """loop.on_device: every batch's tensors on the GPU equal the host batch, while the
+    compute stream is kept busy between the copies."""
+    from mmdls_dist.train.loop import on_device
+
+    cfg = DataConfig(shards=str(shard_dir), batch_size=3, max_slices=7, num_workers=0)
+    host = [b.pin_memory() for b in make_loader(cfg, "train", "eval")]
+    busy = torch.randn(2048, 2048, device="cuda")
+    for want, got in zip(host, on_device(host, torch.device("cuda")), strict=True):
+        busy = busy @ busy / busy.norm()  # the "previous step", still running
+        assert torch.equal(got.ct.cpu(), want.ct) and torch.equal(got.masks.cpu(), want.masks)
+        torch.testing.assert_close(got.os_time.cpu(), want.os_time, equal_nan=True)
+        assert torch.equal(got.lung_mask.cpu(), want.lung_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -159,6 +160,19 @@ def test_slice_subsampling_and_model_size(shard_dir):
         full.lesion_mask.float(), size=(16, 16), mode="nearest"
     )
     assert torch.equal(batch.lesion_mask.float(), nearest)
+
+
+def test_masks_are_unpacked_once_per_batch_and_again_after_a_move(shard_dir):
+    cfg = DataConfig(shards=str(shard_dir), batch_size=2, max_slices=3, num_workers=0)
+    batch = next(iter(make_loader(cfg, "train", "eval")))
+    lung, lesion = batch.lung_mask, batch.lesion_mask
+    assert lung.data_ptr() == batch.lung_mask.data_ptr()  # the model and the losses share it
+    assert torch.equal(lung, unpack_masks(batch.masks[:, 0], batch.ct.shape[-2:]))
+    assert torch.equal(lesion, unpack_masks(batch.masks[:, 1], batch.ct.shape[-2:]))
+    moved = batch.to("cpu")
+    assert moved._pixels is None and torch.equal(moved.lesion_mask, lesion)
+    cleared = dataclasses.replace(batch, masks=torch.zeros_like(batch.masks))
+    assert cleared.lung_mask.sum() == 0  # new masks: unpacked anew, not the cached ones
 
 
 @pytest.mark.parametrize("hw", [(4, 6), (5, 5), (32, 32)])
