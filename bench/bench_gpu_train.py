@@ -11,6 +11,9 @@ box; on a cluster the same figures are the run's train/patients_per_s and
 train/data_wait_fraction in TensorBoard. Reports, per batch size: patients/s and the share
 of the step time spent waiting for the next batch from the DataLoader.
 
+Each row ends with the validation C-index after the two epochs, the quality check that a
+compiled step trains the same model as the eager one.
+
 The roofline: the FLOPs of one training step per patient (forward, losses and backward,
 counted by torch.utils.flop_counter on a real batch: convolutions, matmuls, attention),
 then per measured row the achieved TFLOP/s and its share of the GPU's dense bf16 peak
@@ -111,7 +114,9 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
     metrics = trainer.train_epoch(1, None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return {"batch": batch, **metrics, "peak_GiB": peak}
+    # The quality check: the validation C-index after these two epochs, eager or compiled.
+    val = trainer.evaluate()[0]
+    return {"batch": batch, **metrics, **val, "peak_GiB": peak}
 
 
 def main() -> None:
@@ -160,7 +165,8 @@ def main() -> None:
                 f"{rate:7.1f} patients/s per GPU, "
                 f"data wait {row['train/data_wait_fraction']:.1%} of step time, "
                 f"peak {row['peak_GiB']:.1f} GiB, "
-                f"{rate * flops / 1e12:.1f} TFLOP/s = {rate * flops / 1e12 / peak:.1%} of peak"
+                f"{rate * flops / 1e12:.1f} TFLOP/s = {rate * flops / 1e12 / peak:.1%} of peak, "
+                f"val C-index DFS {row['val/cindex_dfs']:.3f} OS {row['val/cindex_os']:.3f}"
             )
 
 

@@ -30,9 +30,19 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 3e-4 as a float (YAML 1.1 insists on 3.0e-4)."""
+    """SafeLoader with YAML 1.2's scalars where YAML 1.1 surprises: 3e-4 is a float (1.1
+    insists on 3.0e-4), and only true / false are booleans (1.1 also reads yes, no, on and
+    off as booleans, so `--set run.compile=off` or a clinical code `no` became False)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {  # a copy: SafeLoader's own lists stay as they are
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),

@@ -46,10 +46,18 @@ def test_presets_say_what_they_are():
         ("data.steps_per_epoch=null", ["data", "steps_per_epoch"], None),
         ("run.name=my-run", ["run", "name"], "my-run"),
         ("data.shards=s3://bucket/x=1", ["data", "shards"], "s3://bucket/x=1"),
+        # YAML 1.2 booleans only: YAML 1.1 would read off / no / on / yes as booleans.
+        ("run.compile=off", ["run", "compile"], "off"),
+        ("run.name=no", ["run", "name"], "no"),
+        ("run.use_gpu=False", ["run", "use_gpu"], False),
     ],
 )
 def test_override_parsing(text, keys, value):
     assert parse_override(text) == (keys, value)
+
+
+def test_compile_off_is_a_mode_not_a_boolean():
+    assert load_config("paper", ["run.compile=off"]).run.compile == "off"
 
 
 def test_overrides_apply_with_types():
