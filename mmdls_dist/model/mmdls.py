@@ -117,10 +117,10 @@ class MMDLS(nn.Module):
         views = torch.cat([view(context) for view in self.slice_views.values()], dim=1)
         tokens = unslot(self.slice_token(views), valid, static)
         imaging, weights = self.slice_fusion(tokens, valid)
-        lung_logits, lesion_logits = (
-            unslot(_upsample(small, batch.ct.shape[-2:]), valid, static, PAD_LOGIT)
-            for small in (seg.lung_logits, seg.lesion_logits)
+        lung_logits = unslot(
+            _upsample(seg.lung_logits, batch.ct.shape[-2:]), valid, static, PAD_LOGIT
         )
+        lesion_logits = unslot(seg.lesion_full[:, 0], valid, static, PAD_LOGIT)
         tokens = [imaging]
         if self.lesion_views:
             prob = policy.full_lesion(lesion_logits)

@@ -1,5 +1,6 @@
 """LungLesionSegmentor: a shared ResNet encoder, lung and lesion decoders, and
-transformer cross-attention from lesion to lung features at the bottleneck.
+transformer cross-attention from lesion to lung features at the bottleneck; lesion logits
+refined to the input's resolution (FullResolution), lung logits at a quarter of it.
 
 Works on single slices: N = number of real (non-padded) slices in the batch. GroupNorm, not
 BatchNorm: per-GPU batches are a few patients, and a slice's output must not depend on which
@@ -123,15 +124,42 @@ class Decoder(nn.Module):
         return x, self.head(x)
 
 
+class FullResolution(nn.Module):
+    """Lesion logits at the input's resolution. The decoder ends at a quarter of it, where
+    a small lesion (a 5-10 mm nodule at 64-96 px: a few pixels across) is under one cell:
+    its features, narrowed and upsampled, meet a shallow full-resolution view of the CT,
+    and a residual on the upsampled quarter-resolution logits sharpens them. Starts as the
+    plain upsampling (the residual's head starts near zero)."""
+
+    def __init__(self, dim: int, width: int = 8):
+        super().__init__()
+        self.narrow = nn.Conv2d(dim, width, 1)
+        self.image = conv_norm_act(1, width)
+        self.fuse = conv_norm_act(2 * width, width)
+        self.head = nn.Conv2d(width, 1, 1)
+        nn.init.normal_(self.head.weight, std=1e-2)  # near 0: starts as the upsampling
+        nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self, image: torch.Tensor, features: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """image [N,1,H,W], features [N,D,h,w], logits [N,1,h,w] -> logits [N,1,H,W]."""
+        size = image.shape[-2:]
+        up = F.interpolate(self.narrow(features), size=size, mode="bilinear", align_corners=False)
+        base = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return base + self.head(self.fuse(torch.cat([up, self.image(image)], 1)))
+
+
 @dataclass
 class SegmentorOutput:
-    """Per real slice. N slices, D = decoder width, h x w = H/4 x W/4."""
+    """Per real slice. N slices, D = decoder width, h x w = H/4 x W/4, H x W the input's."""
 
     features: list[torch.Tensor]  # encoder maps, strides 4..32
     lung_features: torch.Tensor  # [N,D,h,w] lung decoder's last map
     lesion_features: torch.Tensor  # [N,D,h,w]
     lung_logits: torch.Tensor  # [N,1,h,w]
     lesion_logits: torch.Tensor  # [N,1,h,w]
+    lesion_full: torch.Tensor  # [N,1,H,W] lesion logits at the input's resolution
 
 
 class LungLesionSegmentor(nn.Module):
@@ -144,12 +172,15 @@ class LungLesionSegmentor(nn.Module):
         self.lung_decoder = Decoder(widths, decoder_width, prior=LUNG_PRIOR)
         self.lesion_decoder = Decoder(widths, decoder_width, prior=LESION_PRIOR)
         self.cross = CrossAttention(decoder_width, heads)
+        self.full = FullResolution(decoder_width)
 
     def forward(self, x: torch.Tensor) -> SegmentorOutput:
-        """x: float [N,1,H,W] normalised CT -> SegmentorOutput (logits at H/4 x W/4)."""
+        """x: float [N,1,H,W] normalised CT -> SegmentorOutput (lesion_full at H x W, the
+        other logits at H/4 x W/4)."""
         features = self.encoder(x)
         lung_top = self.lung_decoder.top(features)
         lesion_top = self.cross(self.lesion_decoder.top(features), lung_top)
         lung_f, lung_logits = self.lung_decoder(features, lung_top)
         lesion_f, lesion_logits = self.lesion_decoder(features, lesion_top)
-        return SegmentorOutput(features, lung_f, lesion_f, lung_logits, lesion_logits)
+        full = self.full(x, lesion_f, lesion_logits)
+        return SegmentorOutput(features, lung_f, lesion_f, lung_logits, lesion_logits, full)
