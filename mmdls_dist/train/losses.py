@@ -109,8 +109,7 @@ def partial_likelihood(
 @dataclass
 class CoxTerm:
     loss: torch.Tensor  # value = mean negative partial log-likelihood per event; see cox_loss
-    n_patients: torch.Tensor  # known patients in the global batch (a device scalar)
-    n_events: torch.Tensor  # their events
+    n_events: torch.Tensor  # events of the known patients in the global batch (device scalar)
 
 
 def cox_loss(
@@ -146,7 +145,7 @@ def cox_loss(
     nll = partial_likelihood(all_hz, all_time, dead, keep, ties)
     value = nll / n_events.clamp(min=1)
     scaled = world * value - (world - 1) * value.detach()
-    return CoxTerm(scaled, keep.sum(), n_events)
+    return CoxTerm(scaled, n_events)
 
 
 class TaskWeighting(nn.Module):
