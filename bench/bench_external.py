@@ -14,7 +14,8 @@ prints DFS and OS C-index (Harrell) with 95 % bootstrap CIs and as a fraction of
       without them);
 
 each as the fold-0 single model and as the K-fold ensemble; and the external histology ECE
-(10 bins) after the temperature scaling fitted on validation, with the uncalibrated ECE.
+(10 bins) after the temperature scaling fitted on validation, with the uncalibrated ECE,
+and the survival calibration error (ICI per risk decile, mean over 12 / 24 / 36 months).
 
 --selection also keeps every epoch's checkpoint of the full network's fold 0 and scores each
 on the external center, then prints which epoch each model-selection rule picks (best
@@ -166,13 +167,21 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
         f"{label}, single": (members[0][0], members[0][2]),
         f"{label}, ensemble": (ensemble, ens_ref),
     }.items():
-        ext = evaluate_frame(frame, ref, ["external"], ecfg)["external"]["all"]["histology"]
+        ext = evaluate_frame(frame, ref, ["external"], ecfg)["external"]["all"]
         out[name] = {
             "frame": frame,
-            "ece": ext.get("ece", float("nan")),
-            "ece_raw": ext.get("ece_uncalibrated", float("nan")),
+            "ece": ext["histology"].get("ece", float("nan")),
+            "ece_raw": ext["histology"].get("ece_uncalibrated", float("nan")),
+            **{f"ici_{e}": survival_ici(ext[e]) for e in ENDPOINTS},
         }
     return out
+
+
+def survival_ici(block: dict) -> float:
+    """An endpoint's survival calibration error on the external center: the ICI (predicted
+    survival against Kaplan-Meier per risk decile), mean over the horizons."""
+    values = [v["ici"] for v in block.get("calibration", {}).values()]
+    return float(np.nanmean(values)) if values else float("nan")
 
 
 def selection(run: str, shards: str, ecfg: EvalConfig, labels: pd.DataFrame, n_boot: int):
@@ -274,11 +283,15 @@ def main() -> None:
             **{e: c[e] for e in ENDPOINTS},
             "ece": row.get("ece"),
             "ece_uncalibrated": row.get("ece_raw"),
+            **{f"ici_{e}": row.get(f"ici_{e}") for e in ENDPOINTS},
         }
     print("(fraction of the oracle in parentheses; ECE after temperature scaling on validation)")
     for label, row in rows.items():
         if "ece_raw" in row:
-            print(f"  {label}: histology ECE {row['ece']:.3f} (uncalibrated {row['ece_raw']:.3f})")
+            print(
+                f"  {label}: histology ECE {row['ece']:.3f} (uncalibrated {row['ece_raw']:.3f})"
+                f"; survival ICI DFS {row['ici_dfs']:.3f}, OS {row['ici_os']:.3f}"
+            )
     if args.selection and full_runs:
         table, picks = selection(full_runs[0], shards, ecfg, labels, args.boot)
         print("\nfull network fold 0, every epoch on the external center:")

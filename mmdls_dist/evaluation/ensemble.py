@@ -4,12 +4,13 @@ An ensemble is a folder holding ensemble.json ({"members": [run folder names, re
 the ensemble folder's parent]}); `mmdls evaluate` and `mmdls predict` accept it wherever
 they accept a run folder. Its prediction for a patient is the mean of its members' log
 hazards and of their probabilities, each member calibrated first with its own fold's
-validation temperatures.
+validation temperatures and calibration slopes.
 
-The ensemble's reference (reference.py) is fixed on the cross-validated cohort: Breslow
-baselines, censoring and risk cut-points on the ensemble's predictions for every fold
-patient (as a single model's are on its training split), the histology threshold on the
-out-of-fold predictions (each patient scored by the member that validated on it).
+The ensemble's reference (reference.py) is fixed on the cross-validated cohort: censoring
+and risk cut-points on the ensemble's predictions for every fold patient (as a single
+model's are on its training split), the histology threshold and the Breslow baselines on
+the out-of-fold predictions (each patient scored by the member that validated on it, as a
+single model's are on its validation split).
 `mmdls train --folds K` fits it once when the folds end and stores it in the ensemble
 folder (reference.json, as each member's own in its run folder), so evaluation and
 prediction run the members only on the patients asked about.
@@ -23,10 +24,11 @@ import pandas as pd
 
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
-from mmdls_dist.data.schema import STAGES
+from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
 from mmdls_dist.evaluation.reference import (
     Reference,
+    endpoint_arrays,
     fit_on_training_frame,
     fit_reference,
     folder_of,
@@ -37,6 +39,7 @@ from mmdls_dist.evaluation.reference import (
     training_frame,
 )
 from mmdls_dist.metrics.classification import youden_threshold
+from mmdls_dist.metrics.survival import BreslowBaseline
 
 ENSEMBLE = "ensemble.json"
 # Per-patient values averaged over members; everything else (ids, labels) is the first's.
@@ -46,7 +49,9 @@ MEAN_COLUMNS = (
     *(f"stage_prob_{s}" for s in STAGES),
     *(f"stage_prob_{s}_uncalibrated" for s in STAGES),
     "dfs_risk",
+    "dfs_risk_uncalibrated",
     "os_risk",
+    "os_risk_uncalibrated",
     "dice_lung",
     "dice_lesion",
 )
@@ -111,15 +116,18 @@ def combine_members(
     cohort = [own.assign(split="train") for _, own, _ in members]
     ref = fit_reference(mean_frame(cohort), None, horizons)
     ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
+    for endpoint in ENDPOINTS:  # on held-out predictions, as a single model's on validation
+        ref.baselines[endpoint] = BreslowBaseline.fit(*endpoint_arrays(oof, endpoint))
     ref.notes = [
         f"fold ensemble of {len(members)} members: each member calibrated on its own "
-        "validation fold; histology threshold on the out-of-fold predictions"
+        "validation fold; histology threshold and Breslow baselines on the out-of-fold "
+        "predictions"
     ]
     ref.origin = (
-        f"fold ensemble of {len(members)}: cut-points, Breslow baselines and censoring on the "
-        f"ensemble's predictions for {len(oof)} cross-validated patients; the histology "
-        "threshold on their out-of-fold predictions; each member's temperatures on its own "
-        "validation fold"
+        f"fold ensemble of {len(members)}: cut-points and censoring on the ensemble's "
+        f"predictions for {len(oof)} cross-validated patients; the histology threshold and "
+        "the Breslow baselines on their out-of-fold predictions; each member's temperatures "
+        "and calibration slopes on its own validation fold"
     )
     held_out = [frame for frame, _, _ in members if frame is not None]
     return (mean_frame(held_out) if held_out else None), ref

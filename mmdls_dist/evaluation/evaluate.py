@@ -208,7 +208,10 @@ def bootstrap_ci(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) ->
 
 
 def evaluate_frame(frame: pd.DataFrame, ref: Reference, splits: list[str], cfg: EvalConfig) -> dict:
-    """Per split: all patients, then each center with at least cfg.min_center_patients."""
+    """Per split: all patients, then each center with at least cfg.min_center_patients;
+    `frame` calibrated by `ref` first where it is not yet (group_metrics takes calibrated
+    frames: the cut-points and baselines are on the calibrated log-hazards)."""
+    frame = ref.calibrate(frame)
     out = {}
     for split in splits:
         part = frame[frame["split"] == split]
@@ -369,9 +372,10 @@ def run_evaluation(
             "ece_bins": ECE_BINS,
             "horizons_months": list(horizons),
             "min_center_patients": cfg.min_center_patients,
-            "reference": "Breslow baseline, censoring KM and risk tertiles from the training "
-            "split; temperature scaling of histology and stage and the histology threshold "
-            "(Youden, on the calibrated probabilities) from the validation split",
+            "reference": "censoring KM and risk tertiles from the training split; temperature "
+            "scaling of histology and stage, the histology threshold (Youden, on the "
+            "calibrated probabilities), the calibration slope of each log-hazard and the "
+            "Breslow baselines (on the scaled log-hazards) from the validation split",
         },
         "models": models,
         "provenance": {
@@ -385,15 +389,17 @@ def run_evaluation(
     storage.write_json(str(out / "metrics.json"), metrics)
     temperatures = "; ".join(
         f"{label}: T histology {m['reference']['temperature']['histology']:.2f}, "
-        f"stage {m['reference']['temperature']['stage']:.2f}"
+        f"stage {m['reference']['temperature']['stage']:.2f}, slope DFS "
+        f"{m['reference']['slope']['dfs']:.2f}, OS {m['reference']['slope']['os']:.2f}"
         for label, m in models.items()
     )
     summary = (
         f"{len(checkpoints)} model(s) on {shards}; splits {', '.join(splits)}; 95% CIs from "
         f"{cfg.bootstrap} patient-level bootstrap resamples; horizons "
         f"{', '.join(f'{h:g}' for h in horizons)} months. Histology and stage probabilities "
-        f"are temperature-scaled on the validation split ({temperatures}); 'ECE raw' is "
-        "the network's own."
+        "are temperature-scaled and the DFS / OS log-hazards multiplied by their calibration "
+        f"slope, both fitted on the validation split ({temperatures}); 'ECE raw' is the "
+        "network's own."
     )
     meta = {
         "summary": summary,

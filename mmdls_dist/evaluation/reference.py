@@ -1,7 +1,8 @@
 """The reference an evaluated cohort is scored against, fixed on the training cohort: the
-Breslow baselines, censoring distributions and risk-group cut-points of the *training*
-split, and the temperatures of the classification heads and the histology threshold of the
-*validation* split.
+censoring distributions and risk-group cut-points of the *training* split; the temperatures
+of the classification heads, the histology threshold, the calibration slopes of the
+survival heads and the Breslow baselines of the *validation* split (the baselines on the
+training split where a run has no validation split or too few events there for a slope).
 
 `mmdls train` fits it once when the run ends and stores it in the run folder beside
 best.json (reference.json, naming the checkpoint it was fitted for); `mmdls predict` and
@@ -32,8 +33,10 @@ from mmdls_dist.evaluation.inference import (
     stage_probs,
 )
 from mmdls_dist.metrics.calibration import (
+    MIN_SLOPE_EVENTS,
     binary_logits,
     class_logits,
+    fit_hazard_slope,
     fit_temperature,
     scaled_binary,
     scaled_multiclass,
@@ -48,17 +51,21 @@ class Reference:
 
     histology_threshold: float  # Youden on the validation split (0.5 if undefined)
     cutpoints: dict[str, list[float]]  # endpoint -> risk tertiles of the training split
-    baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 on the training split
+    baselines: dict[str, BreslowBaseline]  # endpoint -> Breslow S0 (validation, else training)
     censoring: dict[str, CensoringKM]  # endpoint -> censoring KM on the training split
     horizons: tuple[float, ...]  # months (eval.horizons): survival probabilities, td-AUC
     notes: list[str] = field(default_factory=list)
     # Temperature scaling of the heads, fitted on the validation split (1 = none).
     temperature: dict[str, float] = field(default_factory=lambda: {"histology": 1.0, "stage": 1.0})
     origin: str = ""  # where and on what it was fitted (the report's provenance)
+    # Calibration slope of each survival head's log-hazard, fitted on the validation split
+    # (1 = none); cut-points and baselines are on the scaled log-hazards.
+    slope: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS, 1.0))
 
     def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Inference frame -> the same with temperature-scaled histology and stage
-        probabilities; the network's own are kept as *_uncalibrated columns."""
+        probabilities and slope-scaled log-hazards; the network's own are kept as
+        *_uncalibrated columns. A frame calibrated once is returned unchanged."""
         out = frame.copy()
         if "histology_prob_uncalibrated" in out:
             return out  # already calibrated
@@ -69,6 +76,9 @@ class Reference:
         for k, column in enumerate(columns):
             out[f"{column}_uncalibrated"] = out[column]
             out[column] = probs[:, k]
+        for endpoint in ENDPOINTS:
+            out[f"{endpoint}_risk_uncalibrated"] = out[f"{endpoint}_risk"]
+            out[f"{endpoint}_risk"] = self.slope[endpoint] * out[f"{endpoint}_risk"]
         return out
 
     def to_dict(self) -> dict:
@@ -80,6 +90,7 @@ class Reference:
             "horizons": list(self.horizons),
             "notes": self.notes,
             "temperature": self.temperature,
+            "slope": self.slope,
             "origin": self.origin,
         }
 
@@ -95,6 +106,8 @@ class Reference:
             # References written before calibration existed apply none.
             temperature=d.get("temperature", {"histology": 1.0, "stage": 1.0}),
             origin=d.get("origin", ""),
+            # ... and before the survival slopes, none.
+            slope=d.get("slope", dict.fromkeys(ENDPOINTS, 1.0)),
         )
 
 
@@ -112,11 +125,16 @@ def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
 def fit_reference(
     train: pd.DataFrame, val: pd.DataFrame | None, horizons: tuple[float, ...]
 ) -> Reference:
-    """Fit the reference on the training split's predictions (temperatures and threshold
-    on validation, the threshold on the calibrated probabilities)."""
+    """Fit the reference on the network's predictions (uncalibrated frames): temperatures,
+    histology threshold (on the calibrated probabilities), calibration slopes and Breslow
+    baselines on the validation split; cut-points and censoring on the training split, the
+    baselines too where no slope was fitted. Cut-points and baselines are on the
+    slope-scaled log-hazards, as `calibrate` hands them on."""
     notes = []
     temperature = {"histology": 1.0, "stage": 1.0}
-    if val is not None and len(val):
+    slope = dict.fromkeys(ENDPOINTS, 1.0)
+    has_val = val is not None and len(val) > 0
+    if has_val:
         temperature = {
             "histology": fit_temperature(binary_logits(val["histology_prob"]), val["histology"]),
             "stage": fit_temperature(class_logits(stage_probs(val)), val["stage"]),
@@ -128,20 +146,41 @@ def fit_reference(
         notes.append(
             "no validation split: histology threshold fixed at 0.5, probabilities not calibrated"
         )
-    cutpoints, baselines, censoring = {}, {}, {}
+    cutpoints, baselines, censoring, baseline_on = {}, {}, {}, {}
     for endpoint in ENDPOINTS:
+        fitted = fit_hazard_slope(*endpoint_arrays(val, endpoint)) if has_val else None
+        if has_val and fitted is None:
+            notes.append(
+                f"{endpoint.upper()}: under {MIN_SLOPE_EVENTS} validation events, so no "
+                "calibration slope; the baseline is the training split's"
+            )
+        slope[endpoint] = 1.0 if fitted is None else fitted
         risk, time, event = endpoint_arrays(train, endpoint)
-        cutpoints[endpoint] = risk_cutpoints(risk)
-        baselines[endpoint] = BreslowBaseline.fit(risk, time, event)
+        cutpoints[endpoint] = risk_cutpoints(slope[endpoint] * risk)
         censoring[endpoint] = CensoringKM.fit(time, event)
-    n_val = 0 if val is None else len(val)
-    origin = f"cut-points, Breslow baselines and censoring on {len(train)} training patients; " + (
-        f"temperatures and the histology threshold on {n_val} validation patients"
+        if fitted is not None:
+            risk, time, event = endpoint_arrays(val, endpoint)
+        baselines[endpoint] = BreslowBaseline.fit(slope[endpoint] * risk, time, event)
+        baseline_on[endpoint] = "validation" if fitted is not None else "training"
+    n_val = len(val) if has_val else 0
+    origin = f"cut-points and censoring on {len(train)} training patients; " + (
+        f"temperatures, the histology threshold and the calibration slopes (DFS "
+        f"{slope['dfs']:.2f}, OS {slope['os']:.2f}) on {n_val} validation patients; Breslow "
+        f"baselines on the {baseline_on['dfs']} (DFS) and {baseline_on['os']} (OS) split"
         if n_val
-        else "no validation patients (threshold 0.5, no calibration)"
+        else "Breslow baselines on the training split; no validation patients (threshold "
+        "0.5, no calibration)"
     )
     return Reference(
-        threshold, cutpoints, baselines, censoring, tuple(horizons), notes, temperature, origin
+        threshold,
+        cutpoints,
+        baselines,
+        censoring,
+        tuple(horizons),
+        notes,
+        temperature,
+        origin,
+        slope,
     )
 
 

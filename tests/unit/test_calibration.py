@@ -98,13 +98,20 @@ def test_reference_calibrates_a_frame_and_keeps_the_networks_probabilities():
         {
             "histology_prob": prob,
             **{f"stage_prob_{s}": stages[:, k] for k, s in enumerate(("I-II", "III", "IV"))},
+            "dfs_risk": np.linspace(-1, 1, 50),
+            "os_risk": np.linspace(2, -2, 50),
         }
     )
-    ref = Reference(0.5, {}, {}, {}, (12.0,), [], {"histology": 2.0, "stage": 0.5})
+    slope = {"dfs": 0.5, "os": 1.5}
+    ref = Reference(0.5, {}, {}, {}, (12.0,), [], {"histology": 2.0, "stage": 0.5}, "", slope)
     out = ref.calibrate(frame)
+    np.testing.assert_allclose(out["dfs_risk"], 0.5 * frame["dfs_risk"])
+    np.testing.assert_allclose(out["os_risk"], 1.5 * frame["os_risk"])
+    np.testing.assert_allclose(out["os_risk_uncalibrated"], frame["os_risk"])
     np.testing.assert_allclose(out["histology_prob"], scaled_binary(prob, 2.0))
     np.testing.assert_allclose(out["histology_prob_uncalibrated"], prob)
     np.testing.assert_allclose(out["stage_prob_III"], scaled_multiclass(stages, 0.5)[:, 1])
     assert ref.calibrate(out)["histology_prob"].equals(out["histology_prob"])  # idempotent
     again = Reference.from_dict(ref.to_dict())
     assert again.temperature == {"histology": 2.0, "stage": 0.5}
+    assert again.slope == slope

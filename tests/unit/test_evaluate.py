@@ -65,7 +65,8 @@ def cohort():
 def test_reference_is_fixed_on_train_and_applied_unchanged(cohort):
     train = cohort[cohort.split == "train"]
     ref = fit_reference(train, cohort[cohort.split == "val"], HORIZONS)
-    assert ref.cutpoints["os"] == pytest.approx(risk_cutpoints(train["os_risk"]))
+    # On the slope-scaled log-hazards, the scale evaluation hands on (the groups are the same).
+    assert ref.cutpoints["os"] == pytest.approx(risk_cutpoints(ref.slope["os"] * train["os_risk"]))
     out = evaluate_frame(cohort, ref, ["train", "external"], EvalConfig(bootstrap=0))
     groups = out["external"]["all"]["os"]["risk_groups"]["curves"]
     ext = cohort[cohort.split == "external"]["os_risk"].to_numpy()
@@ -264,3 +265,60 @@ def test_the_survival_block_checks_calibration_per_decile(cohort):
     assert all(block[h]["ici"] < 0.08 for h in block)
     shifted = group_metrics(cohort[cohort.split == "external"], ref, 0, 0)["os"]["calibration"]
     assert len(shifted["24"]["groups"]) == 10
+
+
+def test_overspread_hazards_get_a_calibration_slope_on_validation():
+    """A network whose log-hazards are 3x the true ones: the slope fitted on validation is
+    about 1/3 (lifelines' one-covariate Cox), the calibrated log-hazards are the true scale,
+    the C-index is unchanged, and the external survival probabilities are closer to
+    Kaplan-Meier per decile than with the training Breslow baseline of the raw hazards."""
+    from mmdls_dist.metrics.calibration import survival_calibration
+    from mmdls_dist.metrics.survival import BreslowBaseline
+
+    rng = np.random.default_rng(11)
+
+    def spread(n, split):
+        part = frame(rng, n, split)
+        for e in ("dfs", "os"):
+            eta = rng.normal(size=n)
+            t = rng.exponential(20.0 * np.exp(-eta))
+            c = rng.uniform(6, 72, n)
+            part[f"{e}_risk"] = 3.0 * eta
+            part[f"{e}_time"], part[f"{e}_event"] = np.minimum(t, c), t <= c
+        return part
+
+    train, val, ext = spread(800, "train"), spread(800, "val"), spread(800, "external")
+    ref = fit_reference(train, val, HORIZONS)
+    assert ref.slope["os"] == pytest.approx(1 / 3, abs=0.04)
+    assert ref.slope["dfs"] == pytest.approx(1 / 3, abs=0.04)
+    out = ref.calibrate(ext)
+    np.testing.assert_allclose(out["os_risk"], ref.slope["os"] * ext["os_risk"])
+    np.testing.assert_allclose(out["os_risk_uncalibrated"], ext["os_risk"])
+    assert ref.calibrate(out)["os_risk"].equals(out["os_risk"])  # calibrated once only
+    m = evaluate_frame(ext, ref, ["external"], EvalConfig(bootstrap=0))["external"]["all"]["os"]
+    assert m["harrell_c"] == pytest.approx(harrell_c(ext.os_risk, ext.os_time, ext.os_event))
+    raw = BreslowBaseline.fit(train.os_risk, train.os_time, train.os_event)
+    before = survival_calibration(
+        raw.survival_at(ext.os_risk, HORIZONS), ext.os_time, ext.os_event, HORIZONS
+    )
+    for h in ("12", "24", "36"):
+        assert m["calibration"][h]["ici"] < before[h]["ici"] / 2
+    # The stored reference keeps the slope; one written before slopes existed applies none.
+    from mmdls_dist.evaluation.reference import Reference
+
+    assert Reference.from_dict(ref.to_dict()).slope == ref.slope
+    old = {k: v for k, v in ref.to_dict().items() if k != "slope"}
+    assert Reference.from_dict(old).slope == {"dfs": 1.0, "os": 1.0}
+
+
+def test_no_slope_without_enough_validation_events(cohort):
+    val = cohort[cohort.split == "val"].head(30).assign(os_event=False)
+    val.loc[val.index[:4], "os_event"] = True  # 4 events: too few for a slope
+    ref = fit_reference(cohort[cohort.split == "train"], val, HORIZONS)
+    assert ref.slope["os"] == 1.0 and ref.slope["dfs"] != 1.0
+    assert any("OS: under 10 validation events" in n for n in ref.notes)
+    train = cohort[cohort.split == "train"]
+    from mmdls_dist.metrics.survival import BreslowBaseline
+
+    expected = BreslowBaseline.fit(train.os_risk, train.os_time, train.os_event)
+    np.testing.assert_allclose(ref.baselines["os"].survival, expected.survival)
