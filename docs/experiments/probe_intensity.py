@@ -9,11 +9,11 @@ clipped to 0..255), and prints Harrell's C (DFS, OS) per map.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import numpy as np
 import torch
+from probe_args import model_on_split
 
 from mmdls_dist.evaluation.inference import (
     eval_loader,
@@ -38,11 +38,7 @@ def shifted(ct: torch.Tensor, gain: float, offset: float, gamma: float) -> torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("shards")
-    parser.add_argument("--split", default="external")
-    args = parser.parse_args()
+    args = model_on_split(__doc__)
     loaded = load_model(resolve_checkpoint(args.checkpoint))
     manifest = model_manifest(args.shards, loaded.identity)
     print(f"{'':<24}{'C DFS':>8}{'C OS':>8}")

@@ -16,11 +16,10 @@ split, to decide whether the reference should hold them.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pandas as pd
 import torch
+from probe_args import model_on_split
 
 from mmdls_dist.evaluation.inference import (
     eval_loader,
@@ -66,11 +65,7 @@ def cox_risk(frame: pd.DataFrame, fit_on, columns: list[str], e: str, penalizer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("shards")
-    parser.add_argument("--split", default="external")
-    args = parser.parse_args()
+    args = model_on_split(__doc__)
     frame = table(resolve_checkpoint(args.checkpoint), args.shards, ["train", "val", args.split])
     tab = [c for c in frame if c.startswith("x")]
     for e in ("dfs", "os"):
@@ -91,7 +86,7 @@ def main() -> None:
                 cells[f"stack on {name}, penalizer {pen}"] = c(risk)
         print(f"{e.upper()} C-index on {args.split}:")
         for name, value in cells.items():
-            print(f"  {name:<34}{value:.3f}")
+            print(f"  {name:<38}{value:.3f}")
 
         val = (frame["split"] == "val") & known
         _, cph = cox_risk(frame, val, [f"{e}_risk"], e, 0.0)
