@@ -151,8 +151,9 @@ def fit_reference(
         fitted = fit_hazard_slope(*endpoint_arrays(val, endpoint)) if has_val else None
         if has_val and fitted is None:
             notes.append(
-                f"{endpoint.upper()}: under {MIN_SLOPE_EVENTS} validation events, so no "
-                "calibration slope; the baseline is the training split's"
+                f"{endpoint.upper()}: no calibration slope (under {MIN_SLOPE_EVENTS} "
+                "validation events, or a fit that did not converge); the baseline is the "
+                "training split's"
             )
         slope[endpoint] = 1.0 if fitted is None else fitted
         risk, time, event = endpoint_arrays(train, endpoint)

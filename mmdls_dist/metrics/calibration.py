@@ -72,15 +72,20 @@ def fit_hazard_slope(risk, time, event) -> float | None:
     model (lifelines, Efron ties) on `risk`, so that b * risk is the log-hazard these
     patients support. b < 1: the network's hazards are spread too far apart (its survival
     probabilities too extreme). Clipped to SLOPE_BOUNDS, so the ranking (C-index) never
-    changes. None (fit nothing) with fewer than MIN_SLOPE_EVENTS events or constant risk."""
+    changes. None (fit nothing) with fewer than MIN_SLOPE_EVENTS events, constant risk, or
+    a fit that does not converge (risk that orders every event perfectly)."""
     from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
 
     risk = np.asarray(risk, dtype=np.float64)
     event = np.asarray(event, dtype=bool)
     if event.sum() < MIN_SLOPE_EVENTS or np.ptp(risk) == 0:
         return None
     data = {"risk": risk, "time": np.asarray(time, dtype=np.float64), "event": event}
-    fit = CoxPHFitter().fit(pd.DataFrame(data), "time", "event")
+    try:
+        fit = CoxPHFitter().fit(pd.DataFrame(data), "time", "event")
+    except ConvergenceError:
+        return None
     return float(np.clip(fit.params_["risk"], *SLOPE_BOUNDS))
 
 
