@@ -132,7 +132,6 @@ def fit_reference(
     slope-scaled log-hazards, as `calibrate` hands them on."""
     notes = []
     temperature = {"histology": 1.0, "stage": 1.0}
-    slope = dict.fromkeys(ENDPOINTS, 1.0)
     has_val = val is not None and len(val) > 0
     if has_val:
         temperature = {
@@ -146,7 +145,7 @@ def fit_reference(
         notes.append(
             "no validation split: histology threshold fixed at 0.5, probabilities not calibrated"
         )
-    cutpoints, baselines, censoring, baseline_on = {}, {}, {}, {}
+    slope, cutpoints, baselines, censoring, baseline_on = {}, {}, {}, {}, {}
     for endpoint in ENDPOINTS:
         fitted = fit_hazard_slope(*endpoint_arrays(val, endpoint)) if has_val else None
         if has_val and fitted is None:
@@ -159,10 +158,9 @@ def fit_reference(
         risk, time, event = endpoint_arrays(train, endpoint)
         cutpoints[endpoint] = risk_cutpoints(slope[endpoint] * risk)
         censoring[endpoint] = CensoringKM.fit(time, event)
-        if fitted is not None:
-            risk, time, event = endpoint_arrays(val, endpoint)
+        baseline_on[endpoint] = "training" if fitted is None else "validation"
+        risk, time, event = endpoint_arrays(train if fitted is None else val, endpoint)
         baselines[endpoint] = BreslowBaseline.fit(slope[endpoint] * risk, time, event)
-        baseline_on[endpoint] = "validation" if fitted is not None else "training"
     n_val = len(val) if has_val else 0
     origin = f"cut-points and censoring on {len(train)} training patients; " + (
         f"temperatures, the histology threshold and the calibration slopes (DFS "
