@@ -322,3 +322,32 @@ def test_no_slope_without_enough_validation_events(cohort):
 
     expected = BreslowBaseline.fit(train.os_risk, train.os_time, train.os_event)
     np.testing.assert_allclose(ref.baselines["os"].survival, expected.survival)
+
+
+def test_a_fold_ensemble_applies_each_members_slope_and_its_baselines_are_out_of_fold():
+    """Two members, each with its own fold: the ensemble's log-hazard is the mean of the
+    members' slope-scaled ones, and its Breslow baselines are fitted on the out-of-fold
+    (validation) predictions, not on the members' training patients."""
+    from mmdls_dist.evaluation.ensemble import combine_members
+    from mmdls_dist.evaluation.reference import fit_on_training_frame
+    from mmdls_dist.metrics.survival import BreslowBaseline
+
+    rng = np.random.default_rng(21)
+    ext = frame(rng, 100, "external", centers=("EXT",))
+    members = []
+    for k in range(2):
+        own = pd.concat([frame(rng, 300, "train"), frame(rng, 150, "val")], ignore_index=True)
+        own["patient_id"] = [f"p{(i + 150 * k) % 450:04d}" for i in range(len(own))]
+        own[["dfs_risk", "os_risk"]] *= 2.0 + k  # over-spread, differently per member
+        held = ext.assign(os_risk=ext.os_risk * (2.0 + k), dfs_risk=ext.dfs_risk * (2.0 + k))
+        ref = fit_on_training_frame(own, HORIZONS)
+        assert ref.slope["os"] < 0.8
+        members.append((ref.calibrate(held), ref.calibrate(own), ref))
+    ensemble, ens_ref = combine_members(members, HORIZONS)
+    expected = np.mean([m[2].slope["os"] * (2.0 + k) for k, m in enumerate(members)])
+    got = ensemble.set_index("patient_id").loc[ext.patient_id, "os_risk"].to_numpy()
+    np.testing.assert_allclose(got, expected * ext.os_risk.to_numpy())
+    oof = pd.concat([own[own.split == "val"] for _, own, _ in members])
+    want = BreslowBaseline.fit(oof.os_risk, oof.os_time, oof.os_event)
+    np.testing.assert_allclose(ens_ref.baselines["os"].survival, want.survival)
+    np.testing.assert_allclose(ens_ref.baselines["os"].times, want.times)
