@@ -15,7 +15,9 @@ prints DFS and OS C-index (Harrell) with 95 % bootstrap CIs and as a fraction of
 
 each as the fold-0 single model and as the K-fold ensemble; and the external histology ECE
 (10 bins) after the temperature scaling fitted on validation, with the uncalibrated ECE,
-and the survival calibration error (ICI per risk decile, mean over 12 / 24 / 36 months).
+and the survival calibration error (ICI per risk decile, mean over 12 / 24 / 36 months);
+for (b)-(d) also the C-index of the network's own log-hazards, without the survival stack
+(evaluation/stacking.py).
 
 --selection also keeps every epoch's checkpoint of the full network's fold 0 and scores each
 on the external center, then prints which epoch each model-selection rule picks (best
@@ -170,6 +172,11 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
         ext = evaluate_frame(frame, ref, ["external"], ecfg)["external"]["all"]
         out[name] = {
             "frame": frame,
+            # The network's own log-hazards (for an ensemble the mean of its members' raw
+            # ones): the same model without the survival stack.
+            "unstacked": frame.assign(
+                **{f"{e}_risk": frame[f"{e}_risk_uncalibrated"] for e in ENDPOINTS}
+            ),
             "ece": ext["histology"].get("ece", float("nan")),
             "ece_raw": ext["histology"].get("ece_uncalibrated", float("nan")),
             **{f"ici_{e}": survival_ici(ext[e]) for e in ENDPOINTS},
@@ -286,6 +293,15 @@ def main() -> None:
             **{f"ici_{e}": row.get(f"ici_{e}") for e in ENDPOINTS},
         }
     print("(fraction of the oracle in parentheses; ECE after temperature scaling on validation)")
+    for label, row in rows.items():
+        if "unstacked" in row:
+            c = score(row["unstacked"], labels, 0)
+            cells = ", ".join(
+                f"{e.upper()} {c[e][0]:.3f} ({c[e][0] / oracle[f'cindex_{e}']:.2f})"
+                for e in ENDPOINTS
+            )
+            print(f"  {label}: without the survival stack C-index {cells}")
+            figures["rows"][label]["unstacked"] = {e: c[e][0] for e in ENDPOINTS}
     for label, row in rows.items():
         if "ece_raw" in row:
             print(

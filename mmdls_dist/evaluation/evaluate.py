@@ -25,6 +25,7 @@ from sklearn.metrics import average_precision_score
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, SPLITS, STAGES
+from mmdls_dist.evaluation import stacking
 from mmdls_dist.evaluation.ensemble import ensemble_members, ensemble_predictions
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
@@ -356,7 +357,8 @@ def run_evaluation(
             results[label] = evaluate_frame(frame, ref, splits, cfg)
             overlay_ckpt = ckpt
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
-        frame.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
+        written = frame.drop(columns=[c for c in stacking.INPUTS if c in frame])
+        written.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
         storage.write_json(
             str(out / f"reference-{slug(label)}.json"), {"checkpoint": ckpt, **ref.to_dict()}
         )

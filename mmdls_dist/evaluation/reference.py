@@ -2,7 +2,8 @@
 censoring distributions and risk-group cut-points of the *training* split; the temperatures
 of the classification heads, the histology threshold, the calibration slopes of the
 survival heads and the Breslow baselines of the *validation* split (the baselines on the
-training split where a run has no validation split or too few events there for a slope).
+training split where a run has no validation split or too few events there for a slope);
+the survival stack (stacking.py) on the training and validation splits together.
 
 `mmdls train` fits it once when the run ends and stores it in the run folder beside
 best.json (reference.json, naming the checkpoint it was fitted for); `mmdls predict` and
@@ -25,6 +26,7 @@ import pandas as pd
 from mmdls_dist import storage
 from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
+from mmdls_dist.evaluation import stacking
 from mmdls_dist.evaluation.inference import (
     checkpoint_identity,
     model_manifest,
@@ -61,11 +63,15 @@ class Reference:
     # Calibration slope of each survival head's log-hazard, fitted on the validation split
     # (1 = none); cut-points and baselines are on the scaled log-hazards.
     slope: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS, 1.0))
+    # The survival stack's coefficients per endpoint (stacking.py; {} = none): the reported
+    # log-hazard is its linear predictor on the slope-scaled log-hazard and the inputs.
+    stack: dict[str, dict[str, float]] = field(default_factory=lambda: {e: {} for e in ENDPOINTS})
 
     def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Inference frame -> the same with temperature-scaled histology and stage
-        probabilities and slope-scaled log-hazards; the network's own are kept as
-        *_uncalibrated columns. A frame calibrated once is returned unchanged."""
+        probabilities and the survival log-hazards slope-scaled and stacked; the network's
+        own are kept as *_uncalibrated columns. A frame calibrated once is returned
+        unchanged."""
         out = frame.copy()
         if "histology_prob_uncalibrated" in out:
             return out  # already calibrated
@@ -78,7 +84,9 @@ class Reference:
             out[column] = probs[:, k]
         for endpoint in ENDPOINTS:
             out[f"{endpoint}_risk_uncalibrated"] = out[f"{endpoint}_risk"]
-            out[f"{endpoint}_risk"] = self.slope[endpoint] * out[f"{endpoint}_risk"]
+            out[f"{endpoint}_risk"] = log_hazard(
+                out, endpoint, self.slope[endpoint], self.stack[endpoint]
+            )
         return out
 
     def to_dict(self) -> dict:
@@ -91,6 +99,7 @@ class Reference:
             "notes": self.notes,
             "temperature": self.temperature,
             "slope": self.slope,
+            "stack": self.stack,
             "origin": self.origin,
         }
 
@@ -108,7 +117,18 @@ class Reference:
             origin=d.get("origin", ""),
             # ... and before the survival slopes, none.
             slope=d.get("slope", dict.fromkeys(ENDPOINTS, 1.0)),
+            # ... and before the stack, none.
+            stack=d.get("stack", {e: {} for e in ENDPOINTS}),
         )
+
+
+def log_hazard(frame: pd.DataFrame, endpoint: str, slope: float, stack: dict) -> pd.Series:
+    """The reported log-hazard of every row of an uncalibrated frame: the head's own times
+    the calibration slope, then through the survival stack where there is one."""
+    scaled = slope * frame[f"{endpoint}_risk"].to_numpy(float)
+    return pd.Series(
+        stacking.apply_stack(stack, scaled, frame) if stack else scaled, index=frame.index
+    )
 
 
 def endpoint_arrays(frame: pd.DataFrame, endpoint: str):
@@ -127,9 +147,10 @@ def fit_reference(
 ) -> Reference:
     """Fit the reference on the network's predictions (uncalibrated frames): temperatures,
     histology threshold (on the calibrated probabilities), calibration slopes and Breslow
-    baselines on the validation split; cut-points and censoring on the training split, the
-    baselines too where no slope was fitted. Cut-points and baselines are on the
-    slope-scaled log-hazards, as `calibrate` hands them on."""
+    baselines on the validation split; the survival stack on the training and validation
+    splits (where the frames carry the tabular inputs); cut-points and censoring on the
+    training split, the baselines too where no slope was fitted. Cut-points and baselines
+    are on the reported log-hazards, as `calibrate` hands them on."""
     notes = []
     temperature = {"histology": 1.0, "stage": 1.0}
     has_val = val is not None and len(val) > 0
@@ -145,7 +166,8 @@ def fit_reference(
         notes.append(
             "no validation split: histology threshold fixed at 0.5, probabilities not calibrated"
         )
-    slope, cutpoints, baselines, censoring, baseline_on = {}, {}, {}, {}, {}
+    slope, stack, cutpoints, baselines, censoring, baseline_on = {}, {}, {}, {}, {}, {}
+    stacked = has_val and stacking.has_inputs(train) and stacking.has_inputs(val)
     for endpoint in ENDPOINTS:
         fitted = fit_hazard_slope(*endpoint_arrays(val, endpoint)) if has_val else None
         if has_val and fitted is None:
@@ -155,17 +177,27 @@ def fit_reference(
                 "training split's"
             )
         slope[endpoint] = 1.0 if fitted is None else fitted
-        risk, time, event = endpoint_arrays(train, endpoint)
-        cutpoints[endpoint] = risk_cutpoints(slope[endpoint] * risk)
+        stack[endpoint] = (
+            _fit_stack(train, val, endpoint, slope[endpoint], notes) if stacked else {}
+        )
+
+        def reported(frame, endpoint=endpoint):  # -> (log-hazard, time, event), known only
+            known = frame[frame[f"{endpoint}_known"].to_numpy(bool)]
+            _, time, event = endpoint_arrays(known, endpoint)
+            risk = log_hazard(known, endpoint, slope[endpoint], stack[endpoint])
+            return risk.to_numpy(), time, event
+
+        risk, time, event = reported(train)
+        cutpoints[endpoint] = risk_cutpoints(risk)
         censoring[endpoint] = CensoringKM.fit(time, event)
         baseline_on[endpoint] = "training" if fitted is None else "validation"
-        risk, time, event = endpoint_arrays(train if fitted is None else val, endpoint)
-        baselines[endpoint] = BreslowBaseline.fit(slope[endpoint] * risk, time, event)
+        baselines[endpoint] = BreslowBaseline.fit(*reported(train if fitted is None else val))
     n_val = len(val) if has_val else 0
     origin = f"cut-points and censoring on {len(train)} training patients; " + (
         f"temperatures, the histology threshold and the calibration slopes (DFS "
         f"{slope['dfs']:.2f}, OS {slope['os']:.2f}) on {n_val} validation patients; Breslow "
-        f"baselines on the {baseline_on['dfs']} (DFS) and {baseline_on['os']} (OS) split"
+        f"baselines on the {baseline_on['dfs']} (DFS) and {baseline_on['os']} (OS) split; "
+        + _stack_origin(stack, len(train) + n_val)
         if n_val
         else "Breslow baselines on the training split; no validation patients (threshold "
         "0.5, no calibration)"
@@ -180,6 +212,39 @@ def fit_reference(
         temperature,
         origin,
         slope,
+        stack,
+    )
+
+
+def _fit_stack(
+    train: pd.DataFrame, val: pd.DataFrame, endpoint: str, slope: float, notes: list[str]
+) -> dict[str, float]:
+    """The endpoint's survival stack on the train and val patients whose label is known
+    ({} with a note where too few events or no convergence)."""
+    both = pd.concat([train, val], ignore_index=True)
+    both = both[both[f"{endpoint}_known"].to_numpy(bool)]
+    risk, time, event = endpoint_arrays(both, endpoint)
+    coefs = stacking.fit_stack(slope * risk, both, time, event)
+    if coefs is None:
+        notes.append(
+            f"{endpoint.upper()}: no survival stack (under {stacking.MIN_EVENTS} training and "
+            "validation events, or a fit that did not converge); the log-hazard is the "
+            "network's, slope-scaled"
+        )
+    return coefs or {}
+
+
+def _stack_origin(stack: dict[str, dict], n: int) -> str:
+    fitted = [e.upper() for e in ENDPOINTS if stack[e]]
+    if not fitted:
+        return "no survival stack"
+    weights = ", ".join(
+        f"{e.upper()} {stack[e][stacking.NETWORK]:.2f}" for e in ENDPOINTS if stack[e]
+    )
+    return (
+        f"the survival stack ({' and '.join(fitted)}: Cox on the network's log-hazard and the "
+        f"clinical and PET inputs; network coefficient {weights}) on {n} training and "
+        "validation patients"
     )
 
 

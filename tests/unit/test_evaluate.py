@@ -351,3 +351,90 @@ def test_a_fold_ensemble_applies_each_members_slope_and_its_baselines_are_out_of
     want = BreslowBaseline.fit(oof.os_risk, oof.os_time, oof.os_event)
     np.testing.assert_allclose(ens_ref.baselines["os"].survival, want.survival)
     np.testing.assert_allclose(ens_ref.baselines["os"].times, want.times)
+
+
+def with_inputs(rng, part: pd.DataFrame, weight: float = 0.8) -> pd.DataFrame:
+    """A frame whose true log-hazard is the network's risk plus `weight` x a tabular input
+    the network did not use (input_age), as inference records carry the inputs."""
+    from mmdls_dist.evaluation.stacking import INPUTS
+
+    part = part.copy()
+    for column in INPUTS:
+        part[column] = rng.normal(size=len(part))
+    for e in ("dfs", "os"):
+        eta = part[f"{e}_risk"] + weight * part["input_age"]
+        t = rng.exponential(25.0 * np.exp(-eta))
+        c = rng.uniform(6, 72, len(part))
+        part[f"{e}_time"], part[f"{e}_event"] = np.minimum(t, c), t <= c
+    return part
+
+
+def test_the_survival_stack_adds_the_tabular_signal_the_network_missed():
+    """A network whose log-hazard misses a tabular input's effect: the stack (a penalised
+    Cox on train + val) weighs that input, the reported log-hazard is its linear predictor,
+    the external C-index rises to about the true one, cut-points and baselines are on the
+    stacked values, and the reference round-trips through JSON (old ones: no stack)."""
+    from mmdls_dist.evaluation.reference import Reference
+    from mmdls_dist.evaluation.stacking import INPUTS, NETWORK, apply_stack
+
+    rng = np.random.default_rng(31)
+    train, val, ext = (
+        with_inputs(rng, frame(rng, n, s))
+        for n, s in ((500, "train"), (200, "val"), (400, "external"))
+    )
+    ref = fit_reference(train, val, HORIZONS)
+    for e in ("dfs", "os"):
+        coefs = ref.stack[e]
+        assert set(coefs) == {NETWORK, *INPUTS}
+        # About the truth on the slope-scaled scale (the penalty shrinks a little).
+        assert coefs[NETWORK] * ref.slope[e] == pytest.approx(1.0, abs=0.2)
+        assert coefs["input_age"] == pytest.approx(0.8, abs=0.2)
+        assert max(abs(coefs[c]) for c in INPUTS if c != "input_age") < 0.2
+    out = ref.calibrate(ext)
+    expected = apply_stack(ref.stack["os"], ref.slope["os"] * ext["os_risk"], ext)
+    np.testing.assert_allclose(out["os_risk"], expected)
+    np.testing.assert_allclose(out["os_risk_uncalibrated"], ext["os_risk"])
+    assert ref.calibrate(out)["os_risk"].equals(out["os_risk"])
+    truth = ext["os_risk"] + 0.8 * ext["input_age"]
+    c_true = harrell_c(truth, ext.os_time, ext.os_event)
+    c_network = harrell_c(ext.os_risk, ext.os_time, ext.os_event)
+    c_stack = harrell_c(out.os_risk, ext.os_time, ext.os_event)
+    assert c_stack > c_network + 0.03 and c_stack == pytest.approx(c_true, abs=0.01)
+    on_train = ref.calibrate(train)
+    assert ref.cutpoints["os"] == pytest.approx(risk_cutpoints(on_train["os_risk"]))
+    from mmdls_dist.metrics.survival import BreslowBaseline
+
+    on_val = ref.calibrate(val)
+    want = BreslowBaseline.fit(on_val.os_risk, on_val.os_time, on_val.os_event)
+    np.testing.assert_allclose(ref.baselines["os"].survival, want.survival)
+    assert "survival stack" in ref.origin
+    again = Reference.from_dict(ref.to_dict())
+    np.testing.assert_allclose(again.calibrate(ext)["os_risk"], out["os_risk"])
+    old = {k: v for k, v in ref.to_dict().items() if k != "stack"}
+    assert Reference.from_dict(old).stack == {"dfs": {}, "os": {}}
+
+
+def test_no_stack_without_enough_events_or_without_the_inputs(cohort):
+    """MIN_EVENTS - 1 DFS events over train + val: no DFS stack, a note, the slope-scaled
+    log-hazard (OS, with its events, is stacked); frames without the inputs: no stack; a
+    reference with a stack refuses predictions that lack its inputs."""
+    from mmdls_dist.evaluation.stacking import MIN_EVENTS
+
+    rng = np.random.default_rng(32)
+    train = with_inputs(rng, frame(rng, 400, "train"))
+    val = with_inputs(rng, frame(rng, 200, "val"))
+    both = pd.concat([train, val])
+    assert both.dfs_event.sum() > MIN_EVENTS
+    kept = set(both.patient_id[both.dfs_event].sample(MIN_EVENTS - 1, random_state=0))
+    for part in (train, val):
+        part["dfs_event"] &= part.patient_id.isin(kept)
+    assert val.dfs_event.sum() >= 10  # enough for the slope
+    ref = fit_reference(train, val, HORIZONS)
+    assert ref.stack["dfs"] == {} and ref.stack["os"]
+    assert any(n.startswith("DFS: no survival stack") for n in ref.notes)
+    out = ref.calibrate(val)
+    np.testing.assert_allclose(out["dfs_risk"], ref.slope["dfs"] * val["dfs_risk"])
+    plain = fit_reference(cohort[cohort.split == "train"], cohort[cohort.split == "val"], HORIZONS)
+    assert plain.stack == {"dfs": {}, "os": {}} and "no survival stack" in plain.origin
+    with pytest.raises(ValueError, match="input_age"):
+        ref.calibrate(cohort[cohort.split == "external"])
