@@ -239,3 +239,26 @@ def test_a_patients_prediction_does_not_depend_on_its_batch_mates_in_eval(batch)
     with torch.no_grad():
         # the control: in training the batch statistics do couple the patients
         assert not torch.allclose(model(batch).os_log_hazard[:1], model(first).os_log_hazard)
+
+
+def test_inference_records_carry_the_tabular_inputs_the_network_read(batch):
+    """Each record holds the clinical and PET inputs by name, as the model received them
+    (normalised; 0 where missing): what the survival stack is fitted and applied on."""
+    from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
+    from mmdls_dist.evaluation.inference import _records
+    from mmdls_dist.evaluation.stacking import INPUTS
+
+    with torch.no_grad():
+        out = _model().eval()(batch)
+    records = _records(batch, out, "train", with_dice=False)
+    assert len(records) == len(batch)
+    for i, record in enumerate(records):
+        age = batch.clinical[i, CLINICAL_FEATURES.index("age")]
+        assert record["input_age"] == pytest.approx(float(age))
+        assert record["input_suv_max"] == pytest.approx(
+            float(batch.pet[i, PET_FEATURES.index("suv_max")])
+        )
+        assert [record[c] for c in INPUTS] == pytest.approx(
+            torch.cat([batch.clinical[i], batch.pet[i]]).tolist()
+        )
+    assert batch.clinical.abs().sum() > 0  # a test on zeros would show nothing
