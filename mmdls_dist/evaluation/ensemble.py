@@ -4,7 +4,7 @@ An ensemble is a folder holding ensemble.json ({"members": [run folder names, re
 the ensemble folder's parent]}); `mmdls evaluate` and `mmdls predict` accept it wherever
 they accept a run folder. Its prediction for a patient is the mean of its members' log
 hazards and of their probabilities, each member calibrated first with its own fold's
-validation temperatures and calibration slopes.
+validation temperatures and calibration slopes and its own survival stack.
 
 The ensemble's reference (reference.py) is fixed on the cross-validated cohort: censoring
 and risk cut-points on the ensemble's predictions for every fold patient (as a single
@@ -127,7 +127,8 @@ def combine_members(
         f"fold ensemble of {len(members)}: cut-points and censoring on the ensemble's "
         f"predictions for {len(oof)} cross-validated patients; the histology threshold and "
         "the Breslow baselines on their out-of-fold predictions; each member's temperatures "
-        "and calibration slopes on its own validation fold"
+        "and calibration slopes on its own validation fold, its survival stack on its own "
+        "training and validation folds"
     )
     held_out = [frame for frame, _, _ in members if frame is not None]
     return (mean_frame(held_out) if held_out else None), ref

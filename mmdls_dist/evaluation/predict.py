@@ -2,10 +2,10 @@
 
 Flow: raw folder -> ingest (for_prediction: no labels or lung masks needed) -> shards of a
 single "predict" split in a work folder -> inference (training normalisation) -> the
-Reference fixed on the training cohort (risk cut-points, calibration slopes, Breslow
-baselines, temperatures, histology threshold) -> one CSV row per patient. Patients that
-fail validation get a row too, with status "rejected" and the reasons (file and field,
-never cell values): nobody is silently missing from the output.
+Reference fixed on the training cohort (risk cut-points, calibration slopes, survival
+stack, Breslow baselines, temperatures, histology threshold) -> one CSV row per patient.
+Patients that fail validation get a row too, with status "rejected" and the reasons (file
+and field, never cell values): nobody is silently missing from the output.
 """
 
 from __future__ import annotations
