@@ -180,18 +180,14 @@ def fit_reference(
         stack[endpoint] = (
             _fit_stack(train, val, endpoint, slope[endpoint], notes) if stacked else {}
         )
-
-        def reported(frame, endpoint=endpoint):  # -> (log-hazard, time, event), known only
-            known = frame[frame[f"{endpoint}_known"].to_numpy(bool)]
-            _, time, event = endpoint_arrays(known, endpoint)
-            risk = log_hazard(known, endpoint, slope[endpoint], stack[endpoint])
-            return risk.to_numpy(), time, event
-
-        risk, time, event = reported(train)
+        fit = (endpoint, slope[endpoint], stack[endpoint])
+        risk, time, event = reported_arrays(train, *fit)
         cutpoints[endpoint] = risk_cutpoints(risk)
         censoring[endpoint] = CensoringKM.fit(time, event)
         baseline_on[endpoint] = "training" if fitted is None else "validation"
-        baselines[endpoint] = BreslowBaseline.fit(*reported(train if fitted is None else val))
+        baselines[endpoint] = BreslowBaseline.fit(
+            *reported_arrays(train if fitted is None else val, *fit)
+        )
     n_val = len(val) if has_val else 0
     origin = f"cut-points and censoring on {len(train)} training patients; " + (
         f"temperatures, the histology threshold and the calibration slopes (DFS "
@@ -214,6 +210,13 @@ def fit_reference(
         slope,
         stack,
     )
+
+
+def reported_arrays(frame: pd.DataFrame, endpoint: str, slope: float, stack: dict):
+    """endpoint_arrays with the reported (slope-scaled, stacked) log-hazard as the risk."""
+    known = frame[frame[f"{endpoint}_known"].to_numpy(bool)]
+    _, time, event = endpoint_arrays(known, endpoint)
+    return log_hazard(known, endpoint, slope, stack).to_numpy(), time, event
 
 
 def _fit_stack(

@@ -5,8 +5,9 @@ the training and validation splits when a run ends, applied by evaluate and pred
 
 Why: trained on a few hundred patients, the fusion does not reliably recover the linear
 tabular signal a statistician's Cox finds in the same inputs; on an unseen center the stack
-keeps both (docs/BENCHMARKS.md, "Survival stack"). Its linear predictor is the reported
-log relative hazard; the network's own stays in *_risk_uncalibrated.
+keeps both (docs/BENCHMARKS.md, "Generalization to an unseen center"). Its linear
+predictor is the reported log relative hazard; the network's own stays in
+*_risk_uncalibrated.
 
 lifelines fits it (it standardises the covariates before the penalty, so one penalizer
 suits inputs on any scale); what is written here is only which patients and columns go in
@@ -23,7 +24,7 @@ from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
 # The tabular inputs as inference records carry them (evaluation/inference.py).
 INPUTS = tuple(f"input_{name}" for name in (*CLINICAL_FEATURES, *PET_FEATURES))
 NETWORK = "network"  # the stack's coefficient name for the head's own log-hazard
-PENALIZER = 0.1  # lifelines' L2 penalty (measured against 0.01: docs/BENCHMARKS.md)
+PENALIZER = 0.1  # lifelines' L2 penalty, as measured (docs/BENCHMARKS.md, post-hoc refits)
 # Events per covariate below which no stack is fitted: 5 (Vittinghoff & McCulloch 2007;
 # penalised, so the stricter 10 of Peduzzi et al. 1995 is not needed).
 MIN_EVENTS_PER_COVARIATE = 5
