@@ -357,7 +357,7 @@ def run_evaluation(
             results[label] = evaluate_frame(frame, ref, splits, cfg)
             overlay_ckpt = ckpt
         models[label] = {"checkpoint": ckpt, "reference": ref.to_dict(), "splits": results[label]}
-        written = frame.drop(columns=[c for c in stacking.INPUTS if c in frame])
+        written = frame.drop(columns=[c for c in stacking.COLUMNS if c in frame])
         written.to_csv(out / f"predictions-{slug(label)}.csv", index=False)
         storage.write_json(
             str(out / f"reference-{slug(label)}.json"), {"checkpoint": ckpt, **ref.to_dict()}

@@ -27,7 +27,7 @@ from mmdls_dist.data.collate import select_slices
 from mmdls_dist.data.loader import make_loader
 from mmdls_dist.data.schema import STAGES, valid_patient_id
 from mmdls_dist.data.shards import ShardError, fold_view, load_manifest
-from mmdls_dist.evaluation.stacking import INPUTS
+from mmdls_dist.evaluation.stacking import INPUTS, LESION
 from mmdls_dist.model.mmdls import MMDLS
 from mmdls_dist.model.output import missing_inputs, prediction_records
 from mmdls_dist.train import checkpoint
@@ -111,15 +111,23 @@ class Part:
 
 
 def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
-    """prediction_records plus the split, the inputs each patient lacked and the tabular
-    inputs as the network received them (stacking.INPUTS: what the survival stack reads;
-    kept out of every written table)."""
+    """prediction_records plus the split, the inputs each patient lacked, the tabular
+    inputs as the network received them and its lesion descriptors where it measures them
+    (stacking.INPUTS, stacking.LESION: what the survival stack reads; kept out of every
+    written table)."""
     records = prediction_records(batch, out)
     tabular = torch.cat([batch.clinical, batch.pet], 1).float().cpu().tolist()
-    for r, missing, values in zip(records, missing_inputs(batch), tabular, strict=True):
+    lesion = [{}] * len(records)
+    if out.lesion_descriptors is not None:
+        measured = out.lesion_descriptors.float().cpu().tolist()
+        lesion = [dict(zip(LESION, values, strict=True)) for values in measured]
+    for r, missing, values, descriptors in zip(
+        records, missing_inputs(batch), tabular, lesion, strict=True
+    ):
         r["split"] = split
         r["missing_inputs"] = missing
         r |= dict(zip(INPUTS, values, strict=True))
+        r |= descriptors
         if not with_dice:
             r.pop("dice_lung", None)
             r.pop("dice_lesion", None)

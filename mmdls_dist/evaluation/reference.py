@@ -229,8 +229,9 @@ def _fit_stack(
     risk, time, event = endpoint_arrays(both, endpoint)
     coefs = stacking.fit_stack(slope * risk, both, time, event)
     if coefs is None:
+        needed = stacking.min_events(stacking.covariates(both))
         notes.append(
-            f"{endpoint.upper()}: no survival stack (under {stacking.MIN_EVENTS} training and "
+            f"{endpoint.upper()}: no survival stack (under {needed} training and "
             "validation events, or a fit that did not converge); the log-hazard is the "
             "network's, slope-scaled"
         )
@@ -244,10 +245,12 @@ def _stack_origin(stack: dict[str, dict], n: int) -> str:
     weights = ", ".join(
         f"{e.upper()} {stack[e][stacking.NETWORK]:.2f}" for e in ENDPOINTS if stack[e]
     )
+    measured = any(c in stack[e] for e in ENDPOINTS for c in stacking.LESION)
+    lesion = " and the lesion descriptors" if measured else ""
     return (
-        f"the survival stack ({' and '.join(fitted)}: Cox on the network's log-hazard and the "
-        f"clinical and PET inputs; network coefficient {weights}) on {n} training and "
-        "validation patients"
+        f"the survival stack ({' and '.join(fitted)}: Cox on the network's log-hazard, the "
+        f"clinical and PET inputs{lesion}; network coefficient {weights}) on {n} training "
+        "and validation patients"
     )
 
 

@@ -1,12 +1,15 @@
 """The survival stack: a Cox model (lifelines, ridge-penalised) on each survival head's
-calibrated log-hazard and the clinical and PET inputs exactly as the network receives them
-(z-scored with the training statistics, a missing value at the training mean), fitted on
-the training and validation splits when a run ends, applied by evaluate and predict.
+calibrated log-hazard, the clinical and PET inputs exactly as the network receives them
+(z-scored with the training statistics, a missing value at the training mean) and, where
+the model measures them, the lesion descriptors (model/descriptors.py, on the mask its
+lesion views read: the given contour, else the segmentor's), fitted on the training and
+validation splits when a run ends, applied by evaluate and predict.
 
 Why: trained on a few hundred patients, the fusion does not reliably recover the linear
-tabular signal a statistician's Cox finds in the same inputs; on an unseen center the stack
-keeps both (docs/BENCHMARKS.md, "Generalization to an unseen center"). Its linear
-predictor is the reported log relative hazard; the network's own stays in
+signal a statistician's Cox finds in the same tables and lesion measurements (a combined
+nomogram of a deep score, clinical data and radiomics-like descriptors); on an unseen
+center the stack keeps both (docs/BENCHMARKS.md, "Generalization to an unseen center").
+Its linear predictor is the reported log relative hazard; the network's own stays in
 *_risk_uncalibrated.
 
 lifelines fits it (it standardises the covariates before the penalty, so one penalizer
@@ -20,32 +23,49 @@ import numpy as np
 import pandas as pd
 
 from mmdls_dist.data.schema import CLINICAL_FEATURES, PET_FEATURES
+from mmdls_dist.model.descriptors import NAMES as DESCRIPTOR_NAMES
 
-# The tabular inputs as inference records carry them (evaluation/inference.py).
+# The tabular inputs and the lesion descriptors as inference records carry them
+# (evaluation/inference.py); a model without lesion descriptors (tables only, or
+# model.lesion_descriptors off) has no LESION columns, and its stack reads INPUTS alone.
 INPUTS = tuple(f"input_{name}" for name in (*CLINICAL_FEATURES, *PET_FEATURES))
+LESION = tuple(f"lesion_{name}" for name in DESCRIPTOR_NAMES)
+COLUMNS = INPUTS + LESION  # what the stack may read: kept out of every written table
 NETWORK = "network"  # the stack's coefficient name for the head's own log-hazard
 PENALIZER = 0.1  # lifelines' L2 penalty, as measured (docs/BENCHMARKS.md, post-hoc refits)
 # Events per covariate below which no stack is fitted: 5 (Vittinghoff & McCulloch 2007;
 # penalised, so the stricter 10 of Peduzzi et al. 1995 is not needed).
 MIN_EVENTS_PER_COVARIATE = 5
-MIN_EVENTS = MIN_EVENTS_PER_COVARIATE * (len(INPUTS) + 1)
 
 
 def has_inputs(frame: pd.DataFrame) -> bool:
     return all(column in frame for column in INPUTS)
 
 
+def covariates(*frames: pd.DataFrame) -> list[str]:
+    """The stack's input columns for these frames: INPUTS, and LESION where every frame
+    carries the descriptors for every patient."""
+    lesion = all(c in f and f[c].notna().all() for f in frames for c in LESION)
+    return [*INPUTS, *(LESION if lesion else ())]
+
+
+def min_events(columns) -> int:
+    """Events needed to fit a stack on `columns` and the network's log-hazard."""
+    return MIN_EVENTS_PER_COVARIATE * (len(columns) + 1)
+
+
 def fit_stack(risk, inputs: pd.DataFrame, time, event) -> dict[str, float] | None:
     """Coefficients {NETWORK: b, input column: b, ...} of a penalised Cox on the head's
-    log-hazard `risk` and the tabular `inputs` (INPUTS columns); None (no stack) with fewer
-    than MIN_EVENTS events or a fit that does not converge."""
+    log-hazard `risk` and the covariates(inputs) columns; None (no stack) with fewer than
+    min_events of them or a fit that does not converge."""
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
 
     event = np.asarray(event, dtype=bool)
-    if event.sum() < MIN_EVENTS:
+    columns = covariates(inputs)
+    if event.sum() < min_events(columns):
         return None
-    data = inputs[list(INPUTS)].astype(np.float64).reset_index(drop=True)
+    data = inputs[columns].astype(np.float64).reset_index(drop=True)
     data = data.loc[:, data.std() > 0]  # an input constant here carries nothing
     data[NETWORK] = np.asarray(risk, dtype=np.float64)
     data["time"] = np.asarray(time, dtype=np.float64)

@@ -8,6 +8,8 @@ same quantities measured directly on the mask do (Spearman 0.84 with the synthet
 lesion slice of the mask the views read (model/views.py MaskPolicy: the given contour
 where there is one, else the prediction) and hands them to the patient fusion as a token.
 They are measurements, not learned: no gradient flows back into the mask through them.
+The model also hands them on (ModelOutput.lesion_descriptors), and the survival stack
+(evaluation/stacking.py) reads them as covariates next to the tables.
 
 Features per patient [B, 8]:
   present      a lesion of >= MIN_AREA pixels was found (all others are 0 when not)
@@ -32,7 +34,17 @@ from torch import nn
 
 from mmdls_dist.model.layers import token_net
 
-N_DESCRIPTORS = 8
+NAMES = (
+    "present",
+    "log_area",
+    "texture",
+    "irregularity",
+    "density",
+    "z_extent",
+    "lateral",
+    "height",
+)
+N_DESCRIPTORS = len(NAMES)
 MIN_AREA = 5  # pixels: below this the mask is noise, not a lesion
 
 

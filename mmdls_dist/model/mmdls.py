@@ -18,7 +18,7 @@ from torch import nn
 
 from mmdls_dist.config import ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
-from mmdls_dist.model.descriptors import LesionDescriptors
+from mmdls_dist.model.descriptors import LesionDescriptors, measure
 from mmdls_dist.model.fusion import PatientFusion, SliceFusion
 from mmdls_dist.model.heads import TaskHeads
 from mmdls_dist.model.layers import normalise_ct
@@ -122,14 +122,17 @@ class MMDLS(nn.Module):
         )
         lesion_logits = unslot(seg.lesion_full[:, 0], valid, static, PAD_LOGIT)
         tokens = [imaging]
-        if self.lesion_views:
-            prob = policy.full_lesion(lesion_logits)
-            tokens += [view(ct, prob, valid) for view in self.lesion_views.values()]
-        return tokens, {
+        fields = {
             "lung_logits": lung_logits,
             "lesion_logits": lesion_logits,
             "slice_weights": weights,
         }
+        if self.lesion_views:
+            prob = policy.full_lesion(lesion_logits)
+            tokens += [view(ct, prob, valid) for view in self.lesion_views.values()]
+            if "descriptors" in self.lesion_views:  # also handed on: the survival stack's
+                fields["lesion_descriptors"] = measure(ct, prob, valid)
+        return tokens, fields
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:
         """batch on the model's device -> ModelOutput. gt_mask_weight in [0,1] blends ground

@@ -23,6 +23,9 @@ class ModelOutput:
     lung_logits: torch.Tensor | None = None  # [B,S,H,W]; PAD_LOGIT on padded slices
     lesion_logits: torch.Tensor | None = None  # [B,S,H,W]
     slice_weights: torch.Tensor | None = None  # [B,S] attention pooling weights (0 on padding)
+    # [B,8] the lesion descriptors measured on the mask the lesion views read (descriptors.py
+    # NAMES; what evaluation/stacking.py reads); None without model.lesion_descriptors.
+    lesion_descriptors: torch.Tensor | None = None
 
 
 LABELS = ("histology", "stage") + tuple(

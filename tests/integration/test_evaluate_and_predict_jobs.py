@@ -79,9 +79,10 @@ def test_report_has_every_split_center_and_model(trained_run, evaluation, shard_
     assert f"tiny/{best}" in page  # the checkpoint named in the provenance
     assert (out / "figures" / "best-test-overlays.png").exists()
     assert "HOSP-A-0" not in page  # no patient ids in the shared report
-    # The tabular inputs the survival stack reads stay in memory: not in the written table.
+    # The tabular inputs and lesion descriptors the survival stack reads stay in memory:
+    # not in the written table.
     written = pd.read_csv(out / "predictions-best.csv")
-    assert not [c for c in written if c.startswith("input_")]
+    assert not [c for c in written if c.startswith(("input_", "lesion_"))]
     assert {"os_risk", "os_risk_uncalibrated"} <= set(written)
 
 

@@ -353,16 +353,19 @@ def test_a_fold_ensemble_applies_each_members_slope_and_its_baselines_are_out_of
     np.testing.assert_allclose(ens_ref.baselines["os"].times, want.times)
 
 
-def with_inputs(rng, part: pd.DataFrame, weight: float = 0.8) -> pd.DataFrame:
-    """A frame whose true log-hazard is the network's risk plus `weight` x a tabular input
-    the network did not use (input_age), as inference records carry the inputs."""
-    from mmdls_dist.evaluation.stacking import INPUTS
+def with_inputs(
+    rng, part: pd.DataFrame, weight: float = 0.8, missed: str = "input_age", lesion: bool = False
+) -> pd.DataFrame:
+    """A frame whose true log-hazard is the network's risk plus `weight` x a column the
+    network did not use (`missed`), as inference records carry the tabular inputs (and with
+    `lesion` the lesion descriptors)."""
+    from mmdls_dist.evaluation.stacking import INPUTS, LESION
 
     part = part.copy()
-    for column in INPUTS:
+    for column in INPUTS + (LESION if lesion else ()):
         part[column] = rng.normal(size=len(part))
     for e in ("dfs", "os"):
-        eta = part[f"{e}_risk"] + weight * part["input_age"]
+        eta = part[f"{e}_risk"] + weight * part[missed]
         t = rng.exponential(25.0 * np.exp(-eta))
         c = rng.uniform(6, 72, len(part))
         part[f"{e}_time"], part[f"{e}_event"] = np.minimum(t, c), t <= c
@@ -415,11 +418,14 @@ def test_the_survival_stack_adds_the_tabular_signal_the_network_missed():
 
 
 def test_no_stack_without_enough_events_or_without_the_inputs(cohort):
-    """MIN_EVENTS - 1 DFS events over train + val: no DFS stack, a note, the slope-scaled
-    log-hazard (OS, with its events, is stacked); frames without the inputs: no stack; a
-    reference with a stack refuses predictions that lack its inputs."""
-    from mmdls_dist.evaluation.stacking import MIN_EVENTS
+    """One DFS event too few over train + val (5 per covariate: the 13 inputs and the
+    network's log-hazard): no DFS stack, a note, the slope-scaled log-hazard (OS, with its
+    events, is stacked); frames without the inputs: no stack; a reference with a stack
+    refuses predictions that lack its inputs."""
+    from mmdls_dist.evaluation.stacking import INPUTS, min_events
 
+    MIN_EVENTS = min_events(INPUTS)  # noqa: N806
+    assert MIN_EVENTS == 70
     rng = np.random.default_rng(32)
     train = with_inputs(rng, frame(rng, 400, "train"))
     val = with_inputs(rng, frame(rng, 200, "val"))
@@ -438,3 +444,33 @@ def test_no_stack_without_enough_events_or_without_the_inputs(cohort):
     assert plain.stack == {"dfs": {}, "os": {}} and "no survival stack" in plain.origin
     with pytest.raises(ValueError, match="input_age"):
         ref.calibrate(cohort[cohort.split == "external"])
+
+
+def test_the_stack_reads_the_lesion_descriptors_where_the_model_measures_them():
+    """Frames carrying the lesion descriptors (a model with model.lesion_descriptors): the
+    stack weighs a descriptor the network's log-hazard missed, needs 5 events per covariate
+    of the larger set, and names the descriptors in the origin line; where one frame lacks
+    them, the stack reads the tabular inputs alone."""
+    from mmdls_dist.evaluation.stacking import INPUTS, LESION, NETWORK, covariates, min_events
+
+    rng = np.random.default_rng(33)
+    train, val, ext = (
+        with_inputs(rng, frame(rng, n, s), missed="lesion_irregularity", lesion=True)
+        for n, s in ((500, "train"), (200, "val"), (400, "external"))
+    )
+    assert min_events(covariates(train, val)) == 5 * (len(INPUTS) + len(LESION) + 1) == 110
+    ref = fit_reference(train, val, HORIZONS)
+    for e in ("dfs", "os"):
+        coefs = ref.stack[e]
+        assert set(coefs) == {NETWORK, *INPUTS, *LESION}
+        assert coefs["lesion_irregularity"] == pytest.approx(0.8, abs=0.2)
+        assert max(abs(coefs[c]) for c in (*INPUTS, *LESION) if c != "lesion_irregularity") < 0.2
+    assert "lesion descriptors" in ref.origin
+    out = ref.calibrate(ext)
+    truth = ext["os_risk"] + 0.8 * ext["lesion_irregularity"]
+    c_stack = harrell_c(out.os_risk, ext.os_time, ext.os_event)
+    assert c_stack > harrell_c(ext.os_risk, ext.os_time, ext.os_event) + 0.03
+    assert c_stack == pytest.approx(harrell_c(truth, ext.os_time, ext.os_event), abs=0.01)
+    tables_only = fit_reference(train, val.drop(columns=list(LESION)), HORIZONS)
+    assert set(tables_only.stack["os"]) == {NETWORK, *INPUTS}
+    assert "lesion descriptors" not in tables_only.origin

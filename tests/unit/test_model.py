@@ -262,3 +262,27 @@ def test_inference_records_carry_the_tabular_inputs_the_network_read(batch):
             torch.cat([batch.clinical[i], batch.pet[i]]).tolist()
         )
     assert batch.clinical.abs().sum() > 0  # a test on zeros would show nothing
+
+
+def test_inference_records_carry_the_lesion_descriptors_of_the_mask_the_views_read(batch):
+    """With given contours (the default) the lesion views of an annotated patient read its
+    own contour, so its record's lesion descriptors are measure() on that contour, by name
+    (what the survival stack reads); a model without descriptors carries none."""
+    from mmdls_dist.evaluation.inference import _records
+    from mmdls_dist.evaluation.stacking import LESION
+    from mmdls_dist.model.descriptors import measure
+
+    with torch.no_grad():
+        out = _model().eval()(batch)
+    expected = measure(batch.ct.float() / 255, batch.lesion_mask.float(), batch.slice_mask)
+    records = _records(batch, out, "val", with_dice=False)
+    annotated = batch.lesion_annotated.tolist()
+    assert any(annotated)
+    for i, record in enumerate(records):
+        if annotated[i]:
+            assert [record[c] for c in LESION] == pytest.approx(expected[i].tolist(), abs=1e-5)
+    assert max(r["lesion_log_area"] for r in records) > 0  # lesions were found
+    with torch.no_grad():
+        plain = _model(lesion_descriptors=False).eval()(batch)
+    assert plain.lesion_descriptors is None
+    assert not [c for c in _records(batch, plain, "val", False)[0] if c.startswith("lesion_")]
