@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
+STATUS_TIMEOUT_S = 60  # one status probe (a ray.init and two queries: seconds when well)
 
 
 def free_ports(n: int) -> list[int]:
@@ -144,13 +145,17 @@ class LocalCluster:
             "print(json.dumps({'alive': sum(n['Alive'] for n in ray.nodes()),"
             " 'resources': ray.cluster_resources()}))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=self.env
-        )
-        try:
+        try:  # a ray.init against a cluster in a bad state can block for good
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=STATUS_TIMEOUT_S,
+            )
             return json.loads(out.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            return {}
+        except (IndexError, ValueError, subprocess.TimeoutExpired):
+            return {}  # not ready: wait_for tries again until its own deadline
 
     def wait_for(self, ok, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
