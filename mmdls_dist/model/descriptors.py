@@ -101,7 +101,7 @@ def _masked_std(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 class LesionDescriptors(nn.Module):
-    """(CT [B,S,H,W] in [0,1], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E]: the
+    """views.LesionContext (its measured descriptors, [B,8]) -> [B,E]: the
     measured descriptors as one patient-fusion token, built like a table row (values and
     missing flags through a small MLP: the path that demonstrably learns from a handful of
     informative columns). Standardised with running batch statistics (no learned affine):
@@ -126,8 +126,7 @@ class LesionDescriptors(nn.Module):
             values = self.norm(raw)
         return torch.where(missing, torch.zeros_like(values), values), missing
 
-    def forward(
-        self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
-    ) -> torch.Tensor:
-        values, missing = self.standardised(measure(ct, lesion_prob, slice_mask))
+    def forward(self, context) -> torch.Tensor:
+        """context: views.LesionContext, whose `descriptors` are measure() of its mask."""
+        values, missing = self.standardised(context.descriptors)
         return self.token(torch.cat([values, missing.to(values.dtype)], dim=1))

@@ -18,7 +18,7 @@ from torch import nn
 
 from mmdls_dist.config import ModelConfig
 from mmdls_dist.data.schema import CLINICAL_FEATURES, N_RADIOMICS, PET_FEATURES, Batch
-from mmdls_dist.model.descriptors import LesionDescriptors, measure
+from mmdls_dist.model.descriptors import LesionDescriptors
 from mmdls_dist.model.fusion import PatientFusion, SliceFusion
 from mmdls_dist.model.heads import TaskHeads
 from mmdls_dist.model.layers import normalise_ct
@@ -26,6 +26,7 @@ from mmdls_dist.model.output import PAD_LOGIT, ModelOutput
 from mmdls_dist.model.reader import LesionReader
 from mmdls_dist.model.segmentor import LungLesionSegmentor
 from mmdls_dist.model.views import (
+    LesionContext,
     LesionEncoder,
     MaskPolicy,
     SliceContext,
@@ -45,8 +46,9 @@ def slice_views(cfg: ModelConfig) -> dict[str, nn.Module]:
 
 
 def lesion_views(cfg: ModelConfig) -> dict[str, nn.Module]:
-    """Patient-level views of the full-resolution lesion: (CT [B,S,H,W] in [0,1], soft lesion
-    mask [B,S,H,W], slice_mask [B,S]) -> one [B,E] patient-fusion token each."""
+    """Patient-level views of the full-resolution lesion: LesionContext (CT [B,S,H,W] in
+    [0,1], soft lesion mask [B,S,H,W], slice_mask [B,S], the measured descriptors) -> one
+    [B,E] patient-fusion token each."""
     views: dict[str, nn.Module] = {}
     if cfg.lesion_reader:
         views["reader"] = LesionReader(
@@ -128,10 +130,10 @@ class MMDLS(nn.Module):
             "slice_weights": weights,
         }
         if self.lesion_views:
-            prob = policy.full_lesion(lesion_logits)
-            tokens += [view(ct, prob, valid) for view in self.lesion_views.values()]
+            context = LesionContext(ct, policy.full_lesion(lesion_logits), valid)
+            tokens += [view(context) for view in self.lesion_views.values()]
             if "descriptors" in self.lesion_views:  # also handed on: the survival stack's
-                fields["lesion_descriptors"] = measure(ct, prob, valid)
+                fields["lesion_descriptors"] = context.descriptors
         return tokens, fields
 
     def forward(self, batch: Batch, gt_mask_weight: float = 0.0) -> ModelOutput:

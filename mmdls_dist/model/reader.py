@@ -78,7 +78,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class LesionReader(nn.Module):
-    """(CT [B,S,H,W] in [0,1], soft lesion mask [B,S,H,W], slice_mask [B,S]) -> [B,E].
+    """views.LesionContext (CT [B,S,H,W] in [0,1], soft lesion mask, slice_mask) -> [B,E].
 
     with_mask: the crop also carries the lesion mask of its three slices (6 channels). The
     mask states the boundary the CT blurs (a CNN given the ground-truth mask crop reads the
@@ -101,12 +101,11 @@ class LesionReader(nn.Module):
         )
         self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, embed_dim))
 
-    def forward(
-        self, ct: torch.Tensor, lesion_prob: torch.Tensor, slice_mask: torch.Tensor
-    ) -> torch.Tensor:
-        prob = lesion_prob.detach()
-        idx, centre = locate(prob, slice_mask)
-        x = crop(normalise_ct(ct), idx, centre, self.side)
+    def forward(self, context) -> torch.Tensor:
+        """context: views.LesionContext (CT, soft lesion mask, slice_mask)."""
+        prob = context.lesion.detach()
+        idx, centre = locate(prob, context.slice_mask)
+        x = crop(normalise_ct(context.ct), idx, centre, self.side)
         if self.with_mask:
             x = torch.cat([x, crop(prob, idx, centre, self.side)], dim=1)
         return self.proj(self.convs(x).mean((2, 3)))

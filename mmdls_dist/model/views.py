@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from mmdls_dist.data.schema import Batch
+from mmdls_dist.model.descriptors import measure
 from mmdls_dist.model.layers import mlp
 from mmdls_dist.model.segmentor import SegmentorOutput
 
@@ -104,6 +105,21 @@ class SliceContext:
     seg: SegmentorOutput
     lung: torch.Tensor  # [N,1,h,w] soft lung mask (see MaskPolicy)
     lesion: torch.Tensor  # [N,1,h,w] soft lesion mask
+
+
+@dataclass
+class LesionContext:
+    """Everything a patient-level lesion view may read (B patients, S slice slots)."""
+
+    ct: torch.Tensor  # [B,S,H,W] in [0,1]
+    lesion: torch.Tensor  # [B,S,H,W] soft lesion mask (MaskPolicy.full_lesion)
+    slice_mask: torch.Tensor  # [B,S]
+
+    @functools.cached_property
+    def descriptors(self) -> torch.Tensor:
+        """[B,8] the measured lesion descriptors (descriptors.py), once per forward: the
+        descriptor view's input, and handed on to the survival stack."""
+        return measure(self.ct, self.lesion, self.slice_mask)
 
 
 def masked_mean(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
