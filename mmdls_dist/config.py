@@ -81,8 +81,9 @@ class ModelConfig:
     fusion_layers: int = 1  # transformer layers over slices, 0..4
     tabular_hidden: int = 64  # hidden width of the clinical / PET / radiomics MLPs
     dropout: float = 0.1  # dropout in fusion and heads, [0, 0.9)
-    lesion_reader: int = 48  # side (pixels) of the patient-level full-resolution lesion crop
-    # read by a small CNN into its own fusion token (model/reader.py); 0 = off, else >= 8
+    lesion_reader: int = 48  # side (pixels) of the patient-level lesion crop read by a
+    # small CNN into its own fusion token (model/reader.py); 0 = off, else >= 8
+    reader_field: float = 5.0  # the crop spans this many equivalent lesion radii, > 1
     lesion_reader_mask: bool = True  # the reader also sees the lesion mask of its slices
     reader_width: int = 16  # channels of the lesion reader's first layers (x2, then x4), >= 4
     lesion_descriptors: bool = True  # measured lesion shape / texture descriptors of the
@@ -115,6 +116,8 @@ class ModelConfig:
             raise ValueError("model.fusion_layers must be in 0..4")
         if self.lesion_reader != 0 and self.lesion_reader < 8:
             raise ValueError("model.lesion_reader must be 0 (off) or >= 8 pixels")
+        if self.reader_field <= 1.0:
+            raise ValueError("model.reader_field must be > 1 (equivalent lesion radii)")
         if self.radiomics_rank < 0:
             raise ValueError("model.radiomics_rank must be >= 0")
         if self.tabular_hidden < 4 or self.reader_width < 4:

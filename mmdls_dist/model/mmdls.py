@@ -52,7 +52,12 @@ def lesion_views(cfg: ModelConfig) -> dict[str, nn.Module]:
     views: dict[str, nn.Module] = {}
     if cfg.lesion_reader:
         views["reader"] = LesionReader(
-            cfg.lesion_reader, cfg.reader_width, cfg.embed_dim, cfg.dropout, cfg.lesion_reader_mask
+            cfg.lesion_reader,
+            cfg.reader_width,
+            cfg.embed_dim,
+            cfg.dropout,
+            cfg.lesion_reader_mask,
+            cfg.reader_field,
         )
     if cfg.lesion_descriptors:
         views["descriptors"] = LesionDescriptors(cfg.embed_dim, cfg.tabular_hidden, cfg.dropout)

@@ -1,17 +1,23 @@
-"""LesionReader: a patient-level view of the lesion at full resolution -> one fusion token.
+"""LesionReader: a patient-level view of the lesion and its surroundings -> one fusion token.
 
 Why it exists (docs/experiments/): on the synthetic cohort the lesion's margin and
 internal texture drive survival, and they live at the scale of a few pixels. The per-slice
 encoders pool the segmentor's 1/4-resolution maps, and a per-slice patch spends most of its
 crops on slices without lesion, so neither learned them from outcomes. A small CNN on a
-full-resolution crop of the slices that show the lesion best, supervised by the same task
-losses, does: on 2,500 training patients it reaches C-index ~0.69 from the crop alone.
+crop of the slices that show the lesion best (at one pixel per model pixel then), supervised
+by the same task losses, does: on 2,500 training patients it reached C-index ~0.69 from the
+crop alone.
 
 The crop: the slice with the largest (soft) lesion area and its two neighbours, as three
-channels, cut around that slice's lesion centroid at one pixel per model pixel. The
-location comes from the model's own lesion mask (ground truth blended in during the warm-up,
-like the other views) and is detached: the reader looks where the segmentor points, it
-does not move the mask. Inference needs CT only.
+channels, cut around that slice's lesion centroid. Its field spans a fixed number of
+equivalent lesion radii (sqrt(area / pi) of that slice's lesion, p > 0.5), resampled to
+side x side: the lesion and its surroundings at one relative scale, whatever the lesion's
+size or the center's field of view. Against one pixel per model pixel, 5 radii read more of
+the outcome on both synthetic styles, crop alone and crop with the table (external-center
+C-index, docs/experiments/probe_reader_field.py). The location and the field come from the
+model's own lesion mask (ground truth blended in during the warm-up, like the other views)
+and are detached: the reader looks where the segmentor points, it does not move the mask.
+Inference needs CT only.
 
 BatchNorm, unlike the segmentor's GroupNorm: the reader sees one crop per patient (never a
 padded slice, so batch statistics cannot leak padding), and with per-sample normalisation
@@ -46,7 +52,8 @@ def soft_centroid(mask: torch.Tensor) -> torch.Tensor:
 def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     """lesion_prob [B,S,H,W], slice_mask [B,S] -> (slice index [B,3] of the largest lesion
     slice and its neighbours, clamped to the real slices; centroid [B,2] as (x, y) in
-    affine_grid coordinates, align_corners=False). No lesion: the image centre."""
+    affine_grid coordinates, align_corners=False; equivalent radius [B] in pixels of that
+    slice's lesion, p > 0.5). No lesion: the image centre and radius 0."""
     b = lesion_prob.shape[0]
     prob = lesion_prob * slice_mask[:, :, None, None]
     area = prob.sum((2, 3))
@@ -55,17 +62,28 @@ def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     idx = torch.stack([(k - 1).clamp(min=0), k, torch.minimum(k + 1, last)], dim=1)
     m = prob[torch.arange(b, device=prob.device), k]  # [B,H,W]
     found = m.sum((1, 2)) > EPS
-    return idx, soft_centroid(m) * found[:, None]
+    radius = torch.sqrt((m > 0.5).sum((1, 2)).to(m.dtype) / torch.pi)
+    return idx, soft_centroid(m) * found[:, None], radius
 
 
-def crop(image: torch.Tensor, idx: torch.Tensor, centre: torch.Tensor, side: int) -> torch.Tensor:
-    """image [B,S,H,W], idx [B,3], centre [B,2] -> [B,3,side,side] at one pixel per pixel
-    (zeros beyond the image)."""
+def field(radius: torch.Tensor, radii: float, side: int, h: int, w: int) -> torch.Tensor:
+    """[B] crop field in pixels: `radii` equivalent radii across, between 8 pixels and the
+    image's larger side; a patient without lesion pixels gets `side` (one pixel per pixel)."""
+    view = (radii * radius).clamp(min=8.0, max=float(max(h, w)))
+    return torch.where(radius > 0, view, torch.full_like(view, float(side)))
+
+
+def crop(
+    image: torch.Tensor, idx: torch.Tensor, centre: torch.Tensor, side: int, view: torch.Tensor
+) -> torch.Tensor:
+    """image [B,S,H,W], idx [B,3], centre [B,2], view [B] pixels -> [B,3,side,side]: the
+    view x view pixels around the centre resampled bilinearly to side x side (zeros beyond
+    the image)."""
     b, _, h, w = image.shape
     slices = torch.gather(image, 1, idx[:, :, None, None].expand(-1, -1, h, w))
     theta = torch.zeros(b, 2, 3, device=image.device, dtype=image.dtype)
-    theta[:, 0, 0] = side / w
-    theta[:, 1, 1] = side / h
+    theta[:, 0, 0] = view.to(image.dtype) / w
+    theta[:, 1, 1] = view.to(image.dtype) / h
     theta[:, :, 2] = centre.to(image.dtype)
     grid = F.affine_grid(theta, [b, 3, side, side], align_corners=False)
     return F.grid_sample(slices, grid, align_corners=False)
@@ -86,10 +104,17 @@ class LesionReader(nn.Module):
     --channels)."""
 
     def __init__(
-        self, side: int, width: int, embed_dim: int, dropout: float, with_mask: bool = False
+        self,
+        side: int,
+        width: int,
+        embed_dim: int,
+        dropout: float,
+        with_mask: bool = False,
+        radii: float = 5.0,
     ):
         super().__init__()
         self.side = side
+        self.radii = radii
         self.with_mask = with_mask
         self.convs = nn.Sequential(
             _conv_bn_relu(6 if with_mask else 3, 2 * width),
@@ -104,8 +129,9 @@ class LesionReader(nn.Module):
     def forward(self, context) -> torch.Tensor:
         """context: views.LesionContext (CT, soft lesion mask, slice_mask)."""
         prob = context.lesion.detach()
-        idx, centre = locate(prob, context.slice_mask)
-        x = crop(normalise_ct(context.ct), idx, centre, self.side)
+        idx, centre, radius = locate(prob, context.slice_mask)
+        view = field(radius, self.radii, self.side, *prob.shape[-2:])
+        x = crop(normalise_ct(context.ct), idx, centre, self.side, view)
         if self.with_mask:
-            x = torch.cat([x, crop(prob, idx, centre, self.side)], dim=1)
+            x = torch.cat([x, crop(prob, idx, centre, self.side, view)], dim=1)
         return self.proj(self.convs(x).mean((2, 3)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_single_modality_switches(batch):
 
 
 def test_lesion_reader_crops_the_largest_lesion_slice_and_its_neighbours():
-    from mmdls_dist.model.reader import crop, locate
+    from mmdls_dist.model.reader import crop, field, locate
 
     b, s, h, w = 2, 5, 32, 32
     prob = torch.zeros(b, s, h, w)
@@ -191,18 +192,48 @@ def test_lesion_reader_crops_the_largest_lesion_slice_and_its_neighbours():
     prob[1, 0, 24:28, 8:12] = 1.0  # patient 1: only slice 0, centred at (x 10, y 26)
     prob[1, 4, 0:16, 0:16] = 1.0  # a bigger blob on a padded slot: ignored
     slice_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    idx, centre = locate(prob, slice_mask)
+    idx, centre, radius = locate(prob, slice_mask)
     assert idx.tolist() == [[2, 3, 4], [0, 0, 1]]  # neighbours clamped to the real slices
+    assert torch.allclose(radius, torch.tensor([64 / math.pi, 16 / math.pi]).sqrt())
+    # 5 radii across, at least 8 pixels; no lesion: one pixel per pixel (side)
+    assert torch.allclose(
+        field(torch.tensor([radius[0], radius[1], 1.0, 0.0]), 5.0, 12, h, w),
+        torch.tensor([5 * radius[0], 5 * radius[1], 8.0, 12.0]),
+    )
     image = torch.arange(s, dtype=torch.float32)[None, :, None, None].expand(b, s, h, w).clone()
     image[0, 3] = 0.0
     image[0, 3, 2:10, 18:26] = 9.0  # the lesion's pixels on patient 0's largest slice
-    out = crop(image, idx, centre, 8)
+    out = crop(image, idx, centre, 8, torch.full((2,), 8.0))  # one pixel per pixel
     assert out.shape == (2, 3, 8, 8)
     assert torch.allclose(out[0, 1], torch.full((8, 8), 9.0), atol=1e-3)  # the 8 x 8 lesion
     assert torch.allclose(out[0, 0], torch.full((8, 8), 2.0))  # neighbour slices
     assert torch.allclose(out[1, 2], torch.full((8, 8), 1.0))
-    _, none = locate(torch.zeros(1, 2, h, w), torch.ones(1, 2, dtype=torch.bool))
-    assert torch.equal(none, torch.zeros(1, 2))  # no lesion: the image centre
+    _, none, no_radius = locate(torch.zeros(1, 2, h, w), torch.ones(1, 2, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(1, 2)) and no_radius.item() == 0  # the image centre
+
+
+def test_lesion_reader_crop_spans_the_same_lesion_radii_whatever_the_lesion_size():
+    """A lesion of radius 4 and one of radius 8, each with a ring at 2 radii (smooth
+    profiles, so that resampling is exact enough), give the same 5-radii crop; at one pixel
+    per pixel they would not."""
+    from mmdls_dist.model.reader import crop, field, locate
+
+    h = w = 64
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    prob = torch.zeros(2, 1, h, w)
+    image = torch.zeros(2, 1, h, w)
+    for i, (r, cx, cy) in enumerate([(4.0, 20.0, 24.0), (8.0, 36.0, 30.0)]):
+        d = ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt()
+        prob[i, 0] = (d < r).float()
+        ring = torch.exp(-(((d - 2 * r) / (0.4 * r)) ** 2))
+        image[i, 0] = torch.exp(-((d / r) ** 2)) + 2.0 * ring
+    idx, centre, radius = locate(prob, torch.ones(2, 1, dtype=torch.bool))
+    assert torch.allclose(radius, torch.tensor([4.0, 8.0]), rtol=0.06)
+    out = crop(image, idx, centre, 24, field(radius, 5.0, 24, h, w))[:, 1]
+    assert (out[0] - out[1]).abs().mean() < 0.1 * out.abs().mean()
+    assert out[:, 12, :].max() > 1.5  # the ring is inside the field
+    fixed = crop(image, idx, centre, 24, torch.full((2,), 24.0))[:, 1]
+    assert (fixed[0] - fixed[1]).abs().mean() > 0.5 * fixed.abs().mean()
 
 
 def test_segmentation_heads_start_at_the_foreground_prior(batch):
