@@ -59,9 +59,9 @@ def ring_features(ct: np.ndarray, lung: np.ndarray, lesion: np.ndarray) -> list[
     return out
 
 
-def cohort(style: str, n: int, size: int):
-    """The style's patient factors and, per patient, the descriptors and ring features
-    measured on its ground-truth contour (the same draws as cohort.generate, seed 0)."""
+def draws(style: str, n: int, size: int):
+    """cohort.generate's draws for 3 centers, seed 0 -> (the style, patient factors, center
+    per patient, slice counts, render seeds)."""
     spec = SynthConfig(style=style, patients=n, centers=3, image_size=size, seed=0)
     st = STYLES[style]
     rng = np.random.default_rng(spec.seed)
@@ -70,6 +70,13 @@ def cohort(style: str, n: int, size: int):
     f = st.patients(spec, rng, centers)
     n_slices = rng.integers(8, 17, n)
     seeds = rng.integers(0, 2**31 - 1, n)
+    return st, f, centers, n_slices, seeds
+
+
+def cohort(style: str, n: int, size: int):
+    """The style's patient factors and, per patient, the descriptors and ring features
+    measured on its ground-truth contour (the same draws as cohort.generate, seed 0)."""
+    st, f, centers, n_slices, seeds = draws(style, n, size)
     desc, rings = [], []
     for i in range(n):
         center = st.centers[centers[i]]

@@ -28,9 +28,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_findings import EXTERNAL, table  # noqa: E402
+from probe_findings import EXTERNAL, draws, table  # noqa: E402
 
-from mmdls_dist.config import SynthConfig  # noqa: E402
 from mmdls_dist.data.synth.cohort import STYLES  # noqa: E402
 from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
 from mmdls_dist.model.layers import normalise_ct  # noqa: E402
@@ -42,14 +41,7 @@ def render(style: str, n: int, size: int):
     """Factors, centers, and per patient CT [S,H,W] in [0,1] and the lesion mask, rendered
     at the model's size (every center's field is the same body, so this is what prep's
     resize gives, less the interpolation)."""
-    spec = SynthConfig(style=style, patients=n, centers=3, image_size=size, seed=0)
-    st = STYLES[style]
-    rng = np.random.default_rng(spec.seed)
-    centers = np.arange(n) % spec.centers
-    rng.shuffle(centers)
-    f = st.patients(spec, rng, centers)
-    n_slices = rng.integers(8, 17, n)
-    seeds = rng.integers(0, 2**31 - 1, n)
+    st, f, centers, n_slices, seeds = draws(style, n, size)
     images = []
     for i in range(n):
         factors = {k: float(f[k][i]) for k in st.factor_keys}
@@ -65,7 +57,7 @@ def crops(images, side: int, field: float, floor: bool) -> torch.Tensor:
     out = []
     for ct, lesion in images:
         valid = torch.ones(1, ct.shape[0], dtype=torch.bool)
-        idx, centre = locate(lesion[None], valid)
+        idx, centre, _ = locate(lesion[None], valid)
         h, w = ct.shape[-2:]
         k = int(idx[0, 1])
         radius = float(torch.sqrt(lesion[k].sum() / torch.pi).clamp(min=1.0))
