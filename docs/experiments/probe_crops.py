@@ -58,12 +58,13 @@ def load(
         if not keep.any():
             continue
         lesion = b.lesion_mask.float()
-        idx, centre = locate(lesion, b.slice_mask)
+        idx, centre, _ = locate(lesion, b.slice_mask)
+        view = torch.full((len(idx),), float(side))  # one pixel per pixel, as when it was run
         views = []
         if channels in ("ct", "both"):
-            views.append(crop(b.ct.float() / 255, idx, centre, side))
+            views.append(crop(b.ct.float() / 255, idx, centre, side, view))
         if channels in ("mask", "both"):
-            views.append(crop(lesion, idx, centre, side))
+            views.append(crop(lesion, idx, centre, side, view))
         parts["x"].append(torch.cat(views, 1)[keep])
         tab = [b.clinical, b.clinical_missing, b.pet, b.pet_missing]
         tab += [b.radiomics, b.radiomics_missing]
