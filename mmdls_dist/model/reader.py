@@ -10,7 +10,7 @@ crop alone.
 
 The crop: the slice with the largest (soft) lesion area and its two neighbours, as three
 channels, cut around that slice's lesion centroid. Its field spans a fixed number of
-equivalent lesion radii (sqrt(area / pi) of that slice's lesion, p > 0.5), resampled to
+equivalent lesion radii (sqrt(area / pi) of that slice's lesion), resampled to
 side x side: the lesion and its surroundings at one relative scale, whatever the lesion's
 size or the center's field of view. Against one pixel per model pixel, 5 radii read more of
 the outcome on both synthetic styles, crop alone and crop with the table (external-center
@@ -52,8 +52,13 @@ def soft_centroid(mask: torch.Tensor) -> torch.Tensor:
 def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     """lesion_prob [B,S,H,W], slice_mask [B,S] -> (slice index [B,3] of the largest lesion
     slice and its neighbours, clamped to the real slices; centroid [B,2] as (x, y) in
-    affine_grid coordinates, align_corners=False; equivalent radius [B] in pixels of that
-    slice's lesion, p > 0.5). No lesion: the image centre and radius 0."""
+    affine_grid coordinates, align_corners=False; equivalent radius sqrt(area / pi) [B] in
+    pixels of that slice's lesion). No lesion: the image centre and radius 0.
+
+    The area counts p >= 0.75 whole and ramps from p = 0.25: a binary mask's area, without
+    the segmentor's faint background, and continuous in p (a hard threshold at 0.5 let float
+    noise near it move the crop by a pixel: evaluation then disagreed with training-time
+    validation)."""
     b = lesion_prob.shape[0]
     prob = lesion_prob * slice_mask[:, :, None, None]
     area = prob.sum((2, 3))
@@ -62,15 +67,14 @@ def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     idx = torch.stack([(k - 1).clamp(min=0), k, torch.minimum(k + 1, last)], dim=1)
     m = prob[torch.arange(b, device=prob.device), k]  # [B,H,W]
     found = m.sum((1, 2)) > EPS
-    radius = torch.sqrt((m > 0.5).sum((1, 2)).to(m.dtype) / torch.pi)
+    radius = torch.sqrt(((m - 0.25) * 2).clamp(0, 1).sum((1, 2)) / torch.pi)
     return idx, soft_centroid(m) * found[:, None], radius
 
 
-def field(radius: torch.Tensor, radii: float, side: int, h: int, w: int) -> torch.Tensor:
+def field(radius: torch.Tensor, radii: float, h: int, w: int) -> torch.Tensor:
     """[B] crop field in pixels: `radii` equivalent radii across, between 8 pixels and the
-    image's larger side; a patient without lesion pixels gets `side` (one pixel per pixel)."""
-    view = (radii * radius).clamp(min=8.0, max=float(max(h, w)))
-    return torch.where(radius > 0, view, torch.full_like(view, float(side)))
+    image's larger side (no lesion: 8 pixels at the image centre)."""
+    return (radii * radius).clamp(min=8.0, max=float(max(h, w)))
 
 
 def crop(
@@ -130,7 +134,7 @@ class LesionReader(nn.Module):
         """context: views.LesionContext (CT, soft lesion mask, slice_mask)."""
         prob = context.lesion.detach()
         idx, centre, radius = locate(prob, context.slice_mask)
-        view = field(radius, self.radii, self.side, *prob.shape[-2:])
+        view = field(radius, self.radii, *prob.shape[-2:])
         x = crop(normalise_ct(context.ct), idx, centre, self.side, view)
         if self.with_mask:
             x = torch.cat([x, crop(prob, idx, centre, self.side, view)], dim=1)

@@ -195,11 +195,17 @@ def test_lesion_reader_crops_the_largest_lesion_slice_and_its_neighbours():
     idx, centre, radius = locate(prob, slice_mask)
     assert idx.tolist() == [[2, 3, 4], [0, 0, 1]]  # neighbours clamped to the real slices
     assert torch.allclose(radius, torch.tensor([64 / math.pi, 16 / math.pi]).sqrt())
-    # 5 radii across, at least 8 pixels; no lesion: one pixel per pixel (side)
+    # 5 radii across, between 8 pixels (no lesion: 8 too) and the image side
     assert torch.allclose(
-        field(torch.tensor([radius[0], radius[1], 1.0, 0.0]), 5.0, 12, h, w),
-        torch.tensor([5 * radius[0], 5 * radius[1], 8.0, 12.0]),
+        field(torch.tensor([radius[0], radius[1], 1.0, 0.0, 10.0]), 5.0, h, w),
+        torch.tensor([5 * radius[0], 5 * radius[1], 8.0, 8.0, 32.0]),
     )
+    # The area ramps from p = 0.25 to 0.75: binary masks as they are, faint background out,
+    # and no jump at p = 0.5
+    soft = torch.zeros(1, 1, h, w)
+    soft[0, 0, :2, :] = torch.tensor([0.2, 0.5, 0.75, 0.9]).repeat(8)
+    _, _, r = locate(soft, torch.ones(1, 1, dtype=torch.bool))
+    assert r.item() == pytest.approx(math.sqrt(16 * (0.0 + 0.5 + 1.0 + 1.0) / math.pi))
     image = torch.arange(s, dtype=torch.float32)[None, :, None, None].expand(b, s, h, w).clone()
     image[0, 3] = 0.0
     image[0, 3, 2:10, 18:26] = 9.0  # the lesion's pixels on patient 0's largest slice
@@ -229,7 +235,7 @@ def test_lesion_reader_crop_spans_the_same_lesion_radii_whatever_the_lesion_size
         image[i, 0] = torch.exp(-((d / r) ** 2)) + 2.0 * ring
     idx, centre, radius = locate(prob, torch.ones(2, 1, dtype=torch.bool))
     assert torch.allclose(radius, torch.tensor([4.0, 8.0]), rtol=0.06)
-    out = crop(image, idx, centre, 24, field(radius, 5.0, 24, h, w))[:, 1]
+    out = crop(image, idx, centre, 24, field(radius, 5.0, h, w))[:, 1]
     assert (out[0] - out[1]).abs().mean() < 0.1 * out.abs().mean()
     assert out[:, 12, :].max() > 1.5  # the ring is inside the field
     fixed = crop(image, idx, centre, 24, torch.full((2,), 24.0))[:, 1]
