@@ -56,9 +56,9 @@ def locate(lesion_prob: torch.Tensor, slice_mask: torch.Tensor):
     pixels of that slice's lesion). No lesion: the image centre and radius 0.
 
     The area counts p >= 0.75 whole and ramps from p = 0.25: a binary mask's area, without
-    the segmentor's faint background, and continuous in p (a hard threshold at 0.5 let float
-    noise near it move the crop by a pixel: evaluation then disagreed with training-time
-    validation)."""
+    the segmentor's faint background, and continuous in p, so that float noise moves the
+    crop by float noise (under a hard threshold at 0.5 an integration test once saw
+    evaluation disagree with training-time validation on a stage AUC)."""
     b = lesion_prob.shape[0]
     prob = lesion_prob * slice_mask[:, :, None, None]
     area = prob.sum((2, 3))
