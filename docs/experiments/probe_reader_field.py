@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,7 +32,7 @@ from probe_findings import EXTERNAL, draws, table  # noqa: E402
 from mmdls_dist.data.synth.cohort import STYLES  # noqa: E402
 from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
 from mmdls_dist.model.layers import normalise_ct  # noqa: E402
-from mmdls_dist.model.reader import locate  # noqa: E402
+from mmdls_dist.model.reader import crop, locate  # noqa: E402
 from mmdls_dist.train.losses import cox_loss  # noqa: E402
 
 
@@ -57,19 +56,12 @@ def crops(images, side: int, field: float, floor: bool) -> torch.Tensor:
     out = []
     for ct, lesion in images:
         valid = torch.ones(1, ct.shape[0], dtype=torch.bool)
-        idx, centre, _ = locate(lesion[None], valid)
-        h, w = ct.shape[-2:]
-        k = int(idx[0, 1])
-        radius = float(torch.sqrt(lesion[k].sum() / torch.pi).clamp(min=1.0))
-        view = float(side) if field == 0 else field * radius
+        idx, centre, radius = locate(lesion[None], valid)
+        view = torch.full((1,), float(side)) if field == 0 else field * radius.clamp(min=1.0)
         if floor:
-            view = max(view, float(side))
-        theta = torch.zeros(1, 2, 3)
-        theta[0, 0, 0], theta[0, 1, 1] = view / w, view / h
-        theta[0, :, 2] = centre[0]
-        grid = F.affine_grid(theta, [1, 3, side, side], align_corners=False)
-        x = torch.stack([normalise_ct(ct), lesion])[:, idx[0]].reshape(1, 6, h, w)
-        out.append(F.grid_sample(x, grid, align_corners=False)[0])
+            view = view.clamp(min=float(side))
+        x = [crop(image[None], idx, centre, side, view) for image in (normalise_ct(ct), lesion)]
+        out.append(torch.cat(x, 1)[0])
     return torch.stack(out)
 
 
