@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
+STATUS_TIMEOUT_S = 60  # one status query: a driver's start, ray.nodes() and exit
 
 
 def free_ports(n: int) -> list[int]:
@@ -144,9 +145,15 @@ class LocalCluster:
             "print(json.dumps({'alive': sum(n['Alive'] for n in ray.nodes()),"
             " 'resources': ray.cluster_resources()}))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=self.env
-        )
+        # Bounded: a driver that cannot reach the GCS would otherwise wait in ray.init for
+        # as long as Ray retries, and wait_for's deadline would never be checked again.
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True, text=True, env=self.env, timeout=STATUS_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # run() has killed the driver it started
+            return {}
         try:
             return json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
