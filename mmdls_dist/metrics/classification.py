@@ -112,9 +112,14 @@ def _downsample(x: np.ndarray, y: np.ndarray, points: int = 200) -> dict:
 
 
 def binary_metrics(prob, label, threshold: float) -> dict:
-    """Histology: AUC, AP, Brier, ECE + reliability diagram, threshold statistics, curves."""
+    """Histology: AUC, AP, Brier, ECE + reliability diagram, calibration in the large (mean
+    predicted probability against the observed fraction of positives: a case-mix shift
+    between centers shows here, and no calibration fitted elsewhere can remove it),
+    threshold statistics, curves."""
     prob, label = _known(prob, label)
     out = {"n": int(len(label)), "positives": int(label.sum())}
+    if len(label):
+        out |= {"mean_prob": float(np.mean(prob)), "prevalence": float(np.mean(label))}
     if len(np.unique(label)) < 2:
         return out | {"auc": float("nan"), "ap": float("nan")}
     fpr, tpr, _ = roc_curve(label, prob)

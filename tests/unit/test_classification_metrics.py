@@ -37,6 +37,9 @@ def test_binary_metrics_match_sklearn_and_skip_unknown_labels():
     assert out["auc"] == pytest.approx(binary_auc(prob, label_with_unknown), abs=1e-12)
     assert out["ap"] == pytest.approx(average_precision_score(label[keep], prob[keep]))
     assert out["brier"] == pytest.approx(brier_score_loss(label[keep], prob[keep]))
+    # calibration in the large over the known labels only
+    assert out["mean_prob"] == pytest.approx(prob[keep].mean())
+    assert out["prevalence"] == pytest.approx(label[keep].mean())
 
 
 def test_threshold_statistics_by_hand():

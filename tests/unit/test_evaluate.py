@@ -128,6 +128,11 @@ def test_centers_get_their_own_sections_and_report_is_written(cohort, tmp_path):
     auc, (lo, hi) = ext["histology"]["auc"], ext["ci95"]["histology.auc"]
     assert f"{auc:.3f} <small>({lo:.3f}–{hi:.3f})</small>" in text[head:]
     assert "Small sample" not in text  # no group here is under 50 patients
+    hist = ext["histology"]  # calibration in the large: mean P(LUSC) and the LUSC fraction
+    known = ref.calibrate(cohort[(cohort.split == "external") & (cohort.histology >= 0)])
+    assert hist["prevalence"] == pytest.approx(known["histology"].mean())
+    assert hist["mean_prob"] == pytest.approx(known["histology_prob"].mean())
+    assert f"{hist['mean_prob']:.3f} / {hist['prevalence']:.3f}" in text
 
 
 def test_degenerate_estimates_small_groups_and_p_values_are_flagged(tmp_path):
