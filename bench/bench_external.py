@@ -44,6 +44,8 @@ from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.ensemble import combine_members, member_predictions
 from mmdls_dist.evaluation.evaluate import evaluate_frame
 from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
+from mmdls_dist.metrics.calibration import binary_logits
+from mmdls_dist.metrics.classification import reliability
 from mmdls_dist.metrics.survival import harrell_c
 from mmdls_dist.parallel import init_ray, ray_mapper, serial_mapper
 from mmdls_dist.train import checkpoint
@@ -52,6 +54,8 @@ from mmdls_dist.train.launch import fit
 
 ENDPOINTS = ("dfs", "os")
 MAP = serial_mapper()  # inference in this process, one part per split
+HISTOLOGY_DIAGNOSTICS = ("mean_prob", "prevalence", "internal_prevalence", "ece_offset")
+HISTOLOGY_DIAGNOSTICS += ("offset", "ece_floor", "n_histology")
 EXTERNAL = {"classic": "HOSP-B", "findings": "HOSP-C"}  # the most shifted of HOSP-A..C
 
 
@@ -179,9 +183,46 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
             ),
             "ece": ext["histology"].get("ece", float("nan")),
             "ece_raw": ext["histology"].get("ece_uncalibrated", float("nan")),
+            "mean_prob": ext["histology"].get("mean_prob", float("nan")),
+            "prevalence": ext["histology"].get("prevalence", float("nan")),
+            "internal_prevalence": internal_prevalence(members[0][1]),
+            **ece_diagnostics(frame),
             **{f"ici_{e}": survival_ici(ext[e]) for e in ENDPOINTS},
         }
     return out
+
+
+def internal_prevalence(own: pd.DataFrame) -> float:
+    """The LUSC fraction of a member's training cohort (its fold's train and validation)."""
+    y = own["histology"].to_numpy()
+    return float(np.mean(y[y >= 0]))
+
+
+def ece_diagnostics(frame: pd.DataFrame, draws: int = 200, seed: int = 0) -> dict:
+    """What the external histology ECE is made of (diagnostics, never applied to a model):
+    the ECE once one logit offset is fitted on the external labels themselves (what remains
+    after the case mix's calibration in the large), and the ECE floor, the mean ECE of
+    labels drawn from the predicted probabilities (a perfectly calibrated model's ECE on
+    this many patients)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import expit
+
+    keep = frame["histology"].to_numpy() >= 0
+    prob = frame["histology_prob"].to_numpy(np.float64)[keep]
+    y = frame["histology"].to_numpy(np.float64)[keep]
+    z = binary_logits(prob)
+    fit = minimize_scalar(
+        lambda b: float(np.mean(np.logaddexp(0.0, z + b) - y * (z + b))), bounds=(-5, 5),
+        method="bounded",
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    floor = [reliability(prob, rng.random(len(prob)) < prob)["ece"] for _ in range(draws)]
+    return {
+        "ece_offset": reliability(expit(z + fit.x), y)["ece"],
+        "offset": float(fit.x),
+        "ece_floor": float(np.mean(floor)),
+        "n_histology": int(keep.sum()),
+    }
 
 
 def survival_ici(block: dict) -> float:
@@ -290,6 +331,7 @@ def main() -> None:
             **{e: c[e] for e in ENDPOINTS},
             "ece": row.get("ece"),
             "ece_uncalibrated": row.get("ece_raw"),
+            **{k: row.get(k) for k in HISTOLOGY_DIAGNOSTICS},
             **{f"ici_{e}": row.get(f"ici_{e}") for e in ENDPOINTS},
         }
     print("(fraction of the oracle in parentheses; ECE after temperature scaling on validation)")
@@ -307,6 +349,13 @@ def main() -> None:
             print(
                 f"  {label}: histology ECE {row['ece']:.3f} (uncalibrated {row['ece_raw']:.3f})"
                 f"; survival ICI DFS {row['ici_dfs']:.3f}, OS {row['ici_os']:.3f}"
+            )
+            print(
+                f"    P(LUSC) mean {row['mean_prob']:.3f}, external {row['prevalence']:.3f}"
+                f" (internal {row['internal_prevalence']:.3f}); ECE after one logit offset"
+                f" fitted on the external labels {row['ece_offset']:.3f} (offset"
+                f" {row['offset']:+.2f}); ECE of a calibrated model on {row['n_histology']}"
+                f" patients {row['ece_floor']:.3f}"
             )
     if args.selection and full_runs:
         table, picks = selection(full_runs[0], shards, ecfg, labels, args.boot)
