@@ -54,8 +54,10 @@ from mmdls_dist.train.launch import fit
 
 ENDPOINTS = ("dfs", "os")
 MAP = serial_mapper()  # inference in this process, one part per split
-HISTOLOGY_DIAGNOSTICS = ("mean_prob", "prevalence", "internal_prevalence", "ece_offset")
-HISTOLOGY_DIAGNOSTICS += ("offset", "ece_floor", "n_histology")
+HISTOLOGY_DIAGNOSTICS = (
+    "mean_prob", "prevalence", "internal_prevalence", "ece_offset", "offset", "ece_floor",
+    "n_histology",
+)  # fmt: skip
 EXTERNAL = {"classic": "HOSP-B", "findings": "HOSP-C"}  # the most shifted of HOSP-A..C
 
 
@@ -186,6 +188,7 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
             "mean_prob": ext["histology"].get("mean_prob", float("nan")),
             "prevalence": ext["histology"].get("prevalence", float("nan")),
             "internal_prevalence": internal_prevalence(members[0][1]),
+            "n_histology": ext["histology"]["n"],
             **ece_diagnostics(frame),
             **{f"ici_{e}": survival_ici(ext[e]) for e in ENDPOINTS},
         }
@@ -221,7 +224,6 @@ def ece_diagnostics(frame: pd.DataFrame, draws: int = 200, seed: int = 0) -> dic
         "ece_offset": reliability(expit(z + fit.x), y)["ece"],
         "offset": float(fit.x),
         "ece_floor": float(np.mean(floor)),
-        "n_histology": int(keep.sum()),
     }
 
 
