@@ -42,7 +42,7 @@ from mmdls_dist.evaluation.reference import (
     load_reference,
     reference_for,
 )
-from mmdls_dist.metrics.calibration import survival_calibration
+from mmdls_dist.metrics.calibration import adapt_binary_prior, survival_calibration
 from mmdls_dist.metrics.classification import (
     ECE_BINS,
     binary_auc,
@@ -150,6 +150,8 @@ def group_metrics(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -
         histology["ece_uncalibrated"] = reliability(raw[keep], frame["histology"].to_numpy()[keep])[
             "ece"
         ]
+    if ref.histology_prevalence is not None and "ece" in histology:
+        histology["case_mix"] = case_mix_block(frame, ref.histology_prevalence)
     out = {
         "n_patients": int(len(frame)),
         "histology": histology,
@@ -159,6 +161,32 @@ def group_metrics(frame: pd.DataFrame, ref: Reference, n_boot: int, seed: int) -
     }
     out["ci95"] = bootstrap_ci(frame, ref, n_boot, seed) if n_boot > 0 else {}
     return out
+
+
+SHIFT_ALPHA = 0.05  # the level of the case-mix shift test
+
+
+def case_mix_block(frame: pd.DataFrame, training: float) -> dict:
+    """The histology probabilities adapted to this set's own case mix, without its labels
+    (metrics/calibration.adapt_prior: EM over every patient's calibrated probability), where
+    the likelihood-ratio test finds its LUSC fraction shifted from the training cohort's at
+    p < SHIFT_ALPHA; elsewhere they stay as they are (on a small set the estimate is mostly
+    noise). -> the estimated LUSC fraction, the test's p-value, whether it adapted, and the
+    ECE and mean P(LUSC) of the probabilities it keeps."""
+    prob = frame["histology_prob"].to_numpy(np.float64)
+    estimated, adapted, p = adapt_binary_prior(prob, training)
+    shifted = p < SHIFT_ALPHA
+    kept = adapted if shifted else prob
+    y = frame["histology"].to_numpy()
+    keep = y >= 0
+    return {
+        "training_prevalence": training,
+        "estimated_prevalence": estimated,
+        "p_value": p,
+        "adapted": bool(shifted),
+        "mean_prob": float(np.mean(kept[keep])),
+        "ece": reliability(kept[keep], y[keep])["ece"],
+    }
 
 
 # --- bootstrap ------------------------------------------------------------------------------
@@ -377,7 +405,11 @@ def run_evaluation(
             "reference": "censoring KM and risk tertiles from the training split; temperature "
             "scaling of histology and stage, the histology threshold (Youden, on the "
             "calibrated probabilities), the calibration slope of each log-hazard and the "
-            "Breslow baselines (on the scaled log-hazards) from the validation split",
+            "Breslow baselines (on the scaled log-hazards) from the validation split; the "
+            "histology case-mix column adapts each set's probabilities to its own LUSC "
+            "fraction without its labels (EM, Saerens et al. 2002) where a likelihood-ratio "
+            f"test finds it shifted from the training cohort's (p < {SHIFT_ALPHA:g}), the "
+            "headline ECE stays the temperature-scaled one",
         },
         "models": models,
         "provenance": {

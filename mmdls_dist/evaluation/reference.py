@@ -66,6 +66,9 @@ class Reference:
     # The survival stack's coefficients per endpoint (stacking.py; {} = none): the reported
     # log-hazard is its linear predictor on the slope-scaled log-hazard and the inputs.
     stack: dict[str, dict[str, float]] = field(default_factory=lambda: {e: {} for e in ENDPOINTS})
+    # The LUSC fraction of the training cohort (train and validation): the case mix the
+    # histology probabilities are calibrated under (None: not recorded).
+    histology_prevalence: float | None = None
 
     def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Inference frame -> the same with temperature-scaled histology and stage
@@ -101,6 +104,7 @@ class Reference:
             "slope": self.slope,
             "stack": self.stack,
             "origin": self.origin,
+            "histology_prevalence": self.histology_prevalence,
         }
 
     @classmethod
@@ -119,6 +123,8 @@ class Reference:
             slope=d.get("slope", dict.fromkeys(ENDPOINTS, 1.0)),
             # ... and before the stack, none.
             stack=d.get("stack", {e: {} for e in ENDPOINTS}),
+            # ... and before the case mix was recorded, none.
+            histology_prevalence=d.get("histology_prevalence"),
         )
 
 
@@ -209,7 +215,14 @@ def fit_reference(
         origin,
         slope,
         stack,
+        histology_prevalence(pd.concat([train, val]) if has_val else train),
     )
+
+
+def histology_prevalence(frame: pd.DataFrame) -> float | None:
+    """The LUSC fraction of the patients whose histology is known (None if none is)."""
+    y = frame["histology"].to_numpy()
+    return float((y[y >= 0] == 1).mean()) if (y >= 0).any() else None
 
 
 def reported_arrays(frame: pd.DataFrame, endpoint: str, slope: float, stack: dict):

@@ -93,6 +93,16 @@ def _img(data: str | None) -> str:
     return f'<img src="data:image/png;base64,{data}">' if data else ""
 
 
+def _case_mix(block: dict | None) -> str:
+    """The label-free case-mix adaptation's cell: estimated LUSC fraction and the ECE of the
+    adapted probabilities, or that the shift test saw none."""
+    if not block:
+        return _fmt(None)
+    if not block["adapted"]:
+        return f"{_fmt(block['estimated_prevalence'])} (no shift, p {block['p_value']:.2f})"
+    return f"{_fmt(block['estimated_prevalence'])} / {_fmt(block['ece'])}"
+
+
 HEADLINE_ROWS = (
     ("histology AUC", "histology", "auc", "histology.auc"),
     ("histology AP", "histology", "ap", "histology.ap"),
@@ -163,6 +173,7 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
                 "AP",
                 "ECE",
                 "ECE raw",
+                "case mix: LUSC est. / ECE",
                 "Brier",
                 "threshold",
                 "sens",
@@ -180,6 +191,7 @@ def group_section(m: dict, title: str, figures: dict, horizons: list[str]) -> st
                     _with_ci(m, "histology.ap", hist.get("ap")),
                     _fmt(hist.get("ece")),
                     _fmt(hist.get("ece_uncalibrated")),
+                    _case_mix(hist.get("case_mix")),
                     _fmt(hist.get("brier")),
                     _fmt(at.get("threshold")),
                     _fmt(at.get("sensitivity")),

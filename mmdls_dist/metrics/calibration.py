@@ -121,3 +121,52 @@ def survival_calibration(
             )
         out[f"{h:g}"] = {"groups": rows, "ici": err / weight if weight else float("nan")}
     return out
+
+
+def adapt_prior(probs, source_prior, max_iter: int = 1000, tol: float = 1e-8):
+    """Prior-shift adaptation without labels (Saerens, Latinne & Decaestecker 2002): the
+    class fractions of a new set of patients that maximise the likelihood of its inputs,
+    found by EM over calibrated posteriors, and the posteriors re-weighted to them.
+
+    probs [n,K] calibrated class probabilities of the new patients; source_prior [K] the
+    class fractions the probabilities were calibrated under (the training cohort's).
+    -> (estimated prior [K], adapted probabilities [n,K]). Each posterior is multiplied by
+    prior / source_prior and renormalised, which moves every logit by the same offset, so
+    the ranking (AUC) and the arg-max order within a class pair are unchanged. Valid when a
+    center differs in case mix (p(x | y) the same); no library implements it on frozen
+    posteriors, so it is written here."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0)
+    source = np.asarray(source_prior, dtype=np.float64)
+    prior = source.copy()
+    for _ in range(max_iter):
+        w = p * (prior / source)
+        w /= w.sum(axis=1, keepdims=True)
+        new = w.mean(axis=0)
+        done = np.abs(new - prior).max() < tol
+        prior = new
+        if done:
+            break
+    w = p * (prior / source)
+    return prior, w / w.sum(axis=1, keepdims=True)
+
+
+def prior_shift_p(probs, source_prior, prior) -> float:
+    """The likelihood-ratio test of Saerens et al. (2002, section 2.3) that a set of
+    patients' class fractions differ from the source ones: 2 log L(prior) / L(source), the
+    inputs' likelihood up to p(x), against chi-square with K - 1 degrees of freedom -> its
+    p-value."""
+    from scipy.stats import chi2
+
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0)
+    ratio = np.asarray(prior, dtype=np.float64) / np.asarray(source_prior, dtype=np.float64)
+    statistic = 2.0 * float(np.sum(np.log(p @ ratio)))
+    return float(chi2.sf(max(statistic, 0.0), df=p.shape[1] - 1))
+
+
+def adapt_binary_prior(prob, source_prior: float):
+    """adapt_prior for one binary head: prob [n] of the positive class -> (estimated
+    positive fraction, adapted probabilities [n], the test's p-value)."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), EPS, 1 - EPS)
+    probs, source = np.stack([1 - p, p], axis=1), [1 - source_prior, source_prior]
+    prior, adapted = adapt_prior(probs, source)
+    return float(prior[1]), adapted[:, 1], prior_shift_p(probs, source, prior)

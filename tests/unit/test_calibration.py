@@ -1,5 +1,6 @@
 """Calibration: temperature scaling against a brute-force NLL minimum and scikit-learn's
-log loss, and survival calibration against lifelines' Kaplan-Meier."""
+log loss, survival calibration against lifelines' Kaplan-Meier, and the label-free
+prior-shift adaptation against simulated case-mix shifts of known size."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pandas as pd
 import pytest
 from lifelines import KaplanMeierFitter
 from scipy.special import expit, softmax
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, roc_auc_score
 
 from mmdls_dist.metrics.calibration import (
+    adapt_binary_prior,
+    adapt_prior,
     binary_logits,
     class_logits,
     fit_temperature,
+    prior_shift_p,
     scaled_binary,
     scaled_multiclass,
     survival_calibration,
@@ -115,3 +119,60 @@ def test_reference_calibrates_a_frame_and_keeps_the_networks_probabilities():
     again = Reference.from_dict(ref.to_dict())
     assert again.temperature == {"histology": 2.0, "stage": 0.5}
     assert again.slope == slope
+
+
+def _shifted(n: int, prior: float, source: float, seed: int = 0):
+    """Patients with x | y ~ N(+-1, 1) drawn at LUSC fraction `prior`, and the posteriors
+    of a model calibrated where the fraction was `source`: sigmoid(2x + logit(source))."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prior).astype(int)
+    x = rng.normal(2 * y - 1, 1.0)
+    logit = lambda q: np.log(q / (1 - q))  # noqa: E731
+    return expit(2 * x + logit(source)), expit(2 * x + logit(prior)), y
+
+
+def test_prior_adaptation_recovers_a_shifted_case_mix_without_labels():
+    prob, truth, y = _shifted(20000, prior=0.3, source=0.55)
+    prior, adapted, p = adapt_binary_prior(prob, 0.55)
+    assert p < 1e-6
+    assert prior == pytest.approx(0.3, abs=0.015)  # y.mean() is 0.3 +- 0.003 here
+    assert np.abs(adapted - truth).max() < 0.04  # the posteriors at the true fraction
+    assert np.mean(adapted) == pytest.approx(prior, abs=1e-6)  # EM's fixed point
+    assert roc_auc_score(y, adapted) == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
+    assert reliability(adapted, y)["ece"] < 0.3 * reliability(prob, y)["ece"]
+
+
+def test_prior_adaptation_leaves_an_unshifted_case_mix_alone():
+    prob, _, y = _shifted(20000, prior=0.55, source=0.55, seed=1)
+    prior, adapted, _ = adapt_binary_prior(prob, 0.55)
+    assert prior == pytest.approx(0.55, abs=0.015)
+    assert np.abs(adapted - prob).max() < 0.05
+
+
+def test_multiclass_prior_adaptation_recovers_every_class_fraction():
+    rng = np.random.default_rng(2)
+    means = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    source, target = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.3, 0.5])
+    y = rng.choice(3, size=30000, p=target)
+    x = means[y] + rng.normal(size=(len(y), 2))
+    loglik = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)
+    probs = softmax(loglik + np.log(source), axis=1)
+    prior, adapted = adapt_prior(probs, source)
+    assert prior == pytest.approx(target, abs=0.02)
+    assert adapted.sum(axis=1) == pytest.approx(np.ones(len(y)))
+    assert np.abs(adapted - softmax(loglik + np.log(target), axis=1)).max() < 0.06
+
+
+def test_the_prior_shift_test_holds_its_level_and_sees_a_real_shift():
+    """Under no shift the test rejects at about its level (5 % of 400 cohorts of 300); a
+    shift of 0.55 -> 0.45 on 1,000 patients is seen nearly always."""
+    rejected = [
+        adapt_binary_prior(_shifted(300, 0.55, 0.55, seed=s)[0], 0.55)[2] < 0.05 for s in range(400)
+    ]
+    assert 0.02 <= np.mean(rejected) <= 0.09
+    seen = [
+        adapt_binary_prior(_shifted(1000, 0.45, 0.55, seed=s)[0], 0.55)[2] < 0.05 for s in range(50)
+    ]
+    assert np.mean(seen) >= 0.9
+    prob = _shifted(500, 0.55, 0.55)[0]
+    assert prior_shift_p(np.stack([1 - prob, prob], 1), [0.45, 0.55], [0.45, 0.55]) == 1.0

@@ -133,6 +133,13 @@ def test_centers_get_their_own_sections_and_report_is_written(cohort, tmp_path):
     assert hist["prevalence"] == pytest.approx(known["histology"].mean())
     assert hist["mean_prob"] == pytest.approx(known["histology_prob"].mean())
     assert f"{hist['mean_prob']:.3f} / {hist['prevalence']:.3f}" in text
+    mix = hist["case_mix"]  # the label-free case-mix cell: estimate, and ECE or no shift
+    cell = (
+        f"{mix['estimated_prevalence']:.3f} / {mix['ece']:.3f}"
+        if mix["adapted"]
+        else f"{mix['estimated_prevalence']:.3f} (no shift, p {mix['p_value']:.2f})"
+    )
+    assert "case mix: LUSC est. / ECE" in text and cell in text
 
 
 def test_degenerate_estimates_small_groups_and_p_values_are_flagged(tmp_path):
@@ -479,3 +486,40 @@ def test_the_stack_reads_the_lesion_descriptors_where_the_model_measures_them():
     tables_only = fit_reference(train, val.drop(columns=list(LESION)), HORIZONS)
     assert set(tables_only.stack["os"]) == {NETWORK, *INPUTS}
     assert "lesion descriptors" not in tables_only.origin
+
+
+def test_a_shifted_case_mix_is_adapted_without_labels_and_an_unshifted_one_is_left():
+    """Histology probabilities calibrated at the training cohort's LUSC fraction (0.55), an
+    external center at 0.25: the case-mix block estimates its fraction without its labels,
+    finds the shift and lowers the ECE; validation, at the training fraction, is left as
+    it is. A reference written before the fraction was recorded reports no block."""
+    from scipy.special import expit
+
+    from mmdls_dist.evaluation.reference import Reference
+
+    rng = np.random.default_rng(11)
+    base = pd.concat(
+        [frame(rng, 800, "train"), frame(rng, 400, "val"), frame(rng, 500, "external")],
+        ignore_index=True,
+    )
+    fraction = np.where(base.split == "external", 0.25, 0.55)
+    y = (rng.random(len(base)) < fraction).astype(int)
+    x = rng.normal(2 * y - 1, 1.0)  # x | y ~ N(+-1, 1): log-likelihood ratio 2x
+    base = base.assign(histology=y, histology_prob=expit(2 * x + np.log(0.55 / 0.45)))
+    train, val = base[base.split == "train"], base[base.split == "val"]
+    ref = fit_reference(train, val, HORIZONS)
+    assert ref.histology_prevalence == pytest.approx(np.mean(y[base.split != "external"]))
+    external = ref.calibrate(base[base.split == "external"])
+    hist = group_metrics(external, ref, 0, 0)["histology"]
+    mix = hist["case_mix"]
+    assert mix["adapted"] and mix["p_value"] < 1e-6
+    assert mix["estimated_prevalence"] == pytest.approx(0.25, abs=0.05)
+    assert mix["mean_prob"] == pytest.approx(mix["estimated_prevalence"], abs=0.01)
+    assert mix["ece"] < hist["ece"] / 2
+    own = group_metrics(ref.calibrate(val), ref, 0, 0)["histology"]
+    assert not own["case_mix"]["adapted"] and own["case_mix"]["ece"] == own["ece"]
+    assert Reference.from_dict(ref.to_dict()).histology_prevalence == ref.histology_prevalence
+    legacy = {k: v for k, v in ref.to_dict().items() if k != "histology_prevalence"}
+    old = Reference.from_dict(legacy)
+    assert old.histology_prevalence is None
+    assert "case_mix" not in group_metrics(external, old, 0, 0)["histology"]
