@@ -42,9 +42,9 @@ from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.prepare import resolve_data, synthetic_oracle
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.ensemble import combine_members, member_predictions
-from mmdls_dist.evaluation.evaluate import evaluate_frame
+from mmdls_dist.evaluation.evaluate import case_mix_block, evaluate_frame
 from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
-from mmdls_dist.metrics.calibration import binary_logits
+from mmdls_dist.metrics.calibration import adapt_binary_prior, binary_logits
 from mmdls_dist.metrics.classification import reliability
 from mmdls_dist.metrics.survival import harrell_c
 from mmdls_dist.parallel import init_ray, ray_mapper, serial_mapper
@@ -56,7 +56,8 @@ ENDPOINTS = ("dfs", "os")
 MAP = serial_mapper()  # inference in this process, one part per split
 HISTOLOGY_DIAGNOSTICS = (
     "mean_prob", "prevalence", "internal_prevalence", "ece_offset", "offset", "ece_floor",
-    "n_histology",
+    "n_histology", "prior_em", "ece_em", "p_em", "internal_ece", "internal_ece_em",
+    "internal_ece_gated", "internal_shifted",
 )  # fmt: skip
 EXTERNAL = {"classic": "HOSP-B", "findings": "HOSP-C"}  # the most shifted of HOSP-A..C
 
@@ -170,6 +171,7 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
         for run in runs
     ]
     ensemble, ens_ref = combine_members(members, ecfg.horizons)
+    internal = internal_case_mix(members)
     out = {}
     for name, (frame, ref) in {
         f"{label}, single": (members[0][0], members[0][2]),
@@ -187,18 +189,14 @@ def model_rows(runs: list[str], shards: str, ecfg: EvalConfig, label: str, **ext
             "ece_raw": ext["histology"].get("ece_uncalibrated", float("nan")),
             "mean_prob": ext["histology"].get("mean_prob", float("nan")),
             "prevalence": ext["histology"].get("prevalence", float("nan")),
-            "internal_prevalence": internal_prevalence(members[0][1]),
+            "internal_prevalence": members[0][2].histology_prevalence,
             "n_histology": ext["histology"]["n"],
             **ece_diagnostics(frame),
+            **case_mix(ext["histology"]),
+            **internal,
             **{f"ici_{e}": survival_ici(ext[e]) for e in ENDPOINTS},
         }
     return out
-
-
-def internal_prevalence(own: pd.DataFrame) -> float:
-    """The LUSC fraction of a member's training cohort (its fold's train and validation)."""
-    y = own["histology"].to_numpy()
-    return float(np.mean(y[y >= 0]))
 
 
 def ece_diagnostics(frame: pd.DataFrame, draws: int = 200, seed: int = 0) -> dict:
@@ -224,6 +222,41 @@ def ece_diagnostics(frame: pd.DataFrame, draws: int = 200, seed: int = 0) -> dic
         "ece_offset": reliability(expit(z + fit.x), y)["ece"],
         "offset": float(fit.x),
         "ece_floor": float(np.mean(floor)),
+    }
+
+
+def case_mix(histology: dict) -> dict:
+    """The evaluation's label-free case-mix adaptation on the external center: the LUSC
+    fraction it estimates, the shift test's p-value and the ECE it leaves."""
+    block = histology.get("case_mix", {})
+    return {
+        "prior_em": block.get("estimated_prevalence", float("nan")),
+        "p_em": block.get("p_value", float("nan")),
+        "ece_em": block.get("ece", float("nan")),
+    }
+
+
+def internal_case_mix(members) -> dict:
+    """The same adaptation on each member's validation patients per internal center, where
+    the case mix is the training cohort's: histology ECE as it is, adapted everywhere, and
+    adapted only where the shift test finds a shift (the evaluation's rule), mean over the
+    groups."""
+    before, everywhere, kept, shifted = [], [], [], 0
+    for _, own, ref in members:
+        val = own[(own["split"] == "val") & (own["histology"] >= 0)]
+        for _, sub in val.groupby("center"):
+            y = sub["histology"].to_numpy()
+            block = case_mix_block(sub, ref.histology_prevalence)
+            _, adapted, _ = adapt_binary_prior(sub["histology_prob"], ref.histology_prevalence)
+            before.append(reliability(sub["histology_prob"].to_numpy(), y)["ece"])
+            everywhere.append(reliability(adapted, y)["ece"])
+            kept.append(block["ece"])
+            shifted += block["adapted"]
+    return {
+        "internal_ece": float(np.mean(before)),
+        "internal_ece_em": float(np.mean(everywhere)),
+        "internal_ece_gated": float(np.mean(kept)),
+        "internal_shifted": f"{shifted} of {len(before)}",
     }
 
 
@@ -358,6 +391,13 @@ def main() -> None:
                 f" fitted on the external labels {row['ece_offset']:.3f} (offset"
                 f" {row['offset']:+.2f}); ECE of a calibrated model on {row['n_histology']}"
                 f" patients {row['ece_floor']:.3f}"
+            )
+            print(
+                f"    prior shift adapted by EM without labels: LUSC fraction estimated"
+                f" {row['prior_em']:.3f}, ECE {row['ece_em']:.3f} (shift test p"
+                f" {row['p_em']:.2g}); internal validation centers ECE"
+                f" {row['internal_ece']:.3f} -> {row['internal_ece_em']:.3f}, adapted only"
+                f" where p < 0.05 ({row['internal_shifted']}) {row['internal_ece_gated']:.3f}"
             )
     if args.selection and full_runs:
         table, picks = selection(full_runs[0], shards, ecfg, labels, args.boot)
