@@ -42,7 +42,7 @@ from mmdls_dist.data.ingest import read_cohort
 from mmdls_dist.data.prepare import resolve_data, synthetic_oracle
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.ensemble import combine_members, member_predictions
-from mmdls_dist.evaluation.evaluate import case_mix_block, evaluate_frame
+from mmdls_dist.evaluation.evaluate import SHIFT_ALPHA, evaluate_frame
 from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
 from mmdls_dist.metrics.calibration import adapt_binary_prior, binary_logits
 from mmdls_dist.metrics.classification import reliability
@@ -246,12 +246,12 @@ def internal_case_mix(members) -> dict:
         val = own[(own["split"] == "val") & (own["histology"] >= 0)]
         for _, sub in val.groupby("center"):
             y = sub["histology"].to_numpy()
-            block = case_mix_block(sub, ref.histology_prevalence)
-            _, adapted, _ = adapt_binary_prior(sub["histology_prob"], ref.histology_prevalence)
-            before.append(reliability(sub["histology_prob"].to_numpy(), y)["ece"])
+            prob = sub["histology_prob"].to_numpy(np.float64)
+            _, adapted, p = adapt_binary_prior(prob, ref.histology_prevalence)
+            before.append(reliability(prob, y)["ece"])
             everywhere.append(reliability(adapted, y)["ece"])
-            kept.append(block["ece"])
-            shifted += block["adapted"]
+            kept.append(everywhere[-1] if p < SHIFT_ALPHA else before[-1])
+            shifted += p < SHIFT_ALPHA
     return {
         "internal_ece": float(np.mean(before)),
         "internal_ece_em": float(np.mean(everywhere)),
@@ -397,7 +397,8 @@ def main() -> None:
                 f" {row['prior_em']:.3f}, ECE {row['ece_em']:.3f} (shift test p"
                 f" {row['p_em']:.2g}); internal validation centers ECE"
                 f" {row['internal_ece']:.3f} -> {row['internal_ece_em']:.3f}, adapted only"
-                f" where p < 0.05 ({row['internal_shifted']}) {row['internal_ece_gated']:.3f}"
+                f" where p < {SHIFT_ALPHA:g} ({row['internal_shifted']})"
+                f" {row['internal_ece_gated']:.3f}"
             )
     if args.selection and full_runs:
         table, picks = selection(full_runs[0], shards, ecfg, labels, args.boot)
