@@ -120,7 +120,8 @@ class LocalCluster:
 
     def add_node(self, name: str, cpus: int, resources: dict) -> subprocess.Popen:
         before = self.status().get("alive", 0)
-        proc = self._start(name, [f"--address={self.address}"], cpus, resources)
+        log = f"{name}-{len(self.nodes)}"  # a module's tests may each add a "worker-1"
+        proc = self._start(log, [f"--address={self.address}"], cpus, resources)
         self.wait_for(lambda s: s.get("alive", 0) > before, 90)
         return proc
 
@@ -168,14 +169,18 @@ class LocalCluster:
             time.sleep(1)
         raise TimeoutError(f"cluster not ready in {timeout:.0f} s: {self.status()}")
 
-    def _stop(self, node: subprocess.Popen) -> None:
-        """SIGTERM the node's `ray start --block` (it stops its processes), SIGKILL what is
-        left of its descendants after 20 s. Only processes this cluster started."""
-        kids = children(node.pid)
-        if node.poll() is None:
+    def _stop(self, *nodes: subprocess.Popen, grace_s: float = 20) -> None:
+        """SIGTERM each node's `ray start --block` (it stops its processes), all at once,
+        then SIGKILL what is left of their descendants after grace_s. Only processes this
+        cluster started."""
+        kids = [pid for node in nodes for pid in children(node.pid)]
+        running = [node for node in nodes if node.poll() is None]
+        for node in running:
             node.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for node in running:
             try:
-                node.wait(timeout=20)
+                node.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
@@ -183,8 +188,17 @@ class LocalCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def stop_extra_nodes(self) -> None:
+        """Back to the head alone: every other node this cluster started is stopped and
+        the GCS counts one node alive."""
+        extra = [node for node in self.nodes[1:] if node.poll() is None]
+        if extra:
+            self._stop(*extra)
+        self.wait_for(lambda s: s.get("alive", 0) == 1, 90)
+
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            self._stop(node)
+        # The whole cluster goes: a head that has not stopped its processes in 5 s (its
+        # `ray start` takes about 20 on SIGTERM) has them killed.
+        self._stop(*reversed(self.nodes), grace_s=5)
         for temp_dir in self.temp_dirs:  # only the dirs this cluster made
             shutil.rmtree(temp_dir, ignore_errors=True)
