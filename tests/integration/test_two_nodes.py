@@ -136,7 +136,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(
 
 
 def test_an_elastic_run_grows_when_a_node_joins(cluster, s3_bucket, shard_dir, tmp_path):
-    # A few seconds each; the group grew by epoch 7-9 here (40 epochs ran 30 more at two
+    # A few seconds each; the group grew by epoch 6-9 here (40 epochs ran 30 more at two
     # workers): time for a node that joins three times slower.
     epochs = 30
     job = Job(
