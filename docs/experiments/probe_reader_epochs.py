@@ -1,0 +1,51 @@
+"""Probe: does the lesion reader alone get nearer the findings oracle with twice the
+training? probe_reader_field's CNN on 5-radii crops of side SIDE (48: the default preset's
+model.lesion_reader) with the clinical + PET table, 3 seeds per epoch count, Harrell's C on
+the held-out center. No shards and no Ray.
+
+    python docs/experiments/probe_reader_epochs.py STYLE SIDE EPOCHS[,EPOCHS...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import probe_reader_field as field_probe  # noqa: E402
+from probe_findings import EXTERNAL, table  # noqa: E402
+
+from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
+
+
+def main() -> None:
+    style, side = sys.argv[1], int(sys.argv[2])
+    epoch_counts = [int(e) for e in sys.argv[3].split(",")]
+    t0 = time.perf_counter()
+    f, centers, images = field_probe.render(style, 1500, 96)
+    internal = centers != EXTERNAL[style]
+    y = torch.tensor(np.stack([f["dfs_time"], f["dfs_event"], f["os_time"], f["os_event"]], 1),
+                     dtype=torch.float32)  # fmt: skip
+    x_tab = table(f)
+    x_tab = (x_tab - x_tab[internal].mean()) / x_tab[internal].std().replace(0, 1)
+    tab = torch.tensor(x_tab.to_numpy(), dtype=torch.float32)
+    ext = ~internal
+    oracle = [harrell_c(f[f"eta_{e}"][ext], f[f"{e}_time"][ext], f[f"{e}_event"][ext])
+              for e in ("dfs", "os")]  # fmt: skip
+    x = field_probe.crops(images, side, 5.0, False)
+    print(f"{style}, side {side}; oracle DFS {oracle[0]:.3f} OS {oracle[1]:.3f}")
+    for epochs in epoch_counts:
+        scores = np.array([field_probe.fit_and_score(x, tab, y, internal, epochs, seed)
+                           for seed in range(3)])  # fmt: skip
+        dfs, os_ = scores.mean(0)
+        print(f"  {epochs:3d} epochs, crop + table: DFS {dfs:.3f} ({dfs / oracle[0]:.2f})  "
+              f"OS {os_:.3f} ({os_ / oracle[1]:.2f}); per seed {np.round(scores, 3).tolist()} "
+              f"[{time.perf_counter() - t0:.0f} s]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
