@@ -13,29 +13,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import probe_reader_field as field_probe  # noqa: E402
-from probe_findings import EXTERNAL, table  # noqa: E402
-
-from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
 
 
 def main() -> None:
     style, side = sys.argv[1], int(sys.argv[2])
     epoch_counts = [int(e) for e in sys.argv[3].split(",")]
     t0 = time.perf_counter()
-    f, centers, images = field_probe.render(style, 1500, 96)
-    internal = centers != EXTERNAL[style]
-    y = torch.tensor(np.stack([f["dfs_time"], f["dfs_event"], f["os_time"], f["os_event"]], 1),
-                     dtype=torch.float32)  # fmt: skip
-    x_tab = table(f)
-    x_tab = (x_tab - x_tab[internal].mean()) / x_tab[internal].std().replace(0, 1)
-    tab = torch.tensor(x_tab.to_numpy(), dtype=torch.float32)
-    ext = ~internal
-    oracle = [harrell_c(f[f"eta_{e}"][ext], f[f"{e}_time"][ext], f[f"{e}_event"][ext])
-              for e in ("dfs", "os")]  # fmt: skip
+    images, internal, y, tab, oracle = field_probe.cohort(style, 1500, 96)
     x = field_probe.crops(images, side, 5.0, False)
     print(f"{style}, side {side}; oracle DFS {oracle[0]:.3f} OS {oracle[1]:.3f}")
     for epochs in epoch_counts:

@@ -113,6 +113,22 @@ def fit_and_score(x, tab, y, internal, epochs: int, seed: int) -> tuple[float, f
     return tuple(harrell_c(out[:, j], y_ext[:, 2 * j], y_ext[:, 2 * j + 1] > 0) for j in (0, 1))
 
 
+def cohort(style: str, n: int, size: int):
+    """-> (rendered images, internal-center mask, [N,4] DFS / OS times and events, the
+    standardised clinical + PET table, the oracle's external C-index DFS / OS)."""
+    f, centers, images = render(style, n, size)
+    internal = centers != EXTERNAL[style]
+    y = torch.tensor(np.stack([f["dfs_time"], f["dfs_event"], f["os_time"], f["os_event"]], 1),
+                     dtype=torch.float32)  # fmt: skip
+    x_tab = table(f)
+    x_tab = (x_tab - x_tab[internal].mean()) / x_tab[internal].std().replace(0, 1)
+    tab = torch.tensor(x_tab.to_numpy(), dtype=torch.float32)
+    ext = ~internal
+    oracle = [harrell_c(f[f"eta_{e}"][ext], f[f"{e}_time"][ext], f[f"{e}_event"][ext])
+              for e in ("dfs", "os")]  # fmt: skip
+    return images, internal, y, tab, oracle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--style", choices=sorted(STYLES), default="findings")
@@ -124,16 +140,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    f, centers, images = render(args.style, args.patients, args.size)
-    internal = centers != EXTERNAL[args.style]
-    y = torch.tensor(np.stack([f["dfs_time"], f["dfs_event"], f["os_time"], f["os_event"]], 1),
-                     dtype=torch.float32)  # fmt: skip
-    x_tab = table(f)
-    x_tab = (x_tab - x_tab[internal].mean()) / x_tab[internal].std().replace(0, 1)
-    tab = torch.tensor(x_tab.to_numpy(), dtype=torch.float32)
-    ext = ~internal
-    oracle = [harrell_c(f[f"eta_{e}"][ext], f[f"{e}_time"][ext], f[f"{e}_event"][ext])
-              for e in ("dfs", "os")]  # fmt: skip
+    images, internal, y, tab, oracle = cohort(args.style, args.patients, args.size)
     print(f"{args.style}, {args.patients} patients at {args.size} px, side {args.side}, "
           f"{args.epochs} epochs, {args.seeds} seeds; oracle DFS {oracle[0]:.3f} OS "
           f"{oracle[1]:.3f}; rendered in {time.perf_counter() - t0:.0f} s")  # fmt: skip
