@@ -86,10 +86,13 @@ class Probe(nn.Module):
         return out + self.tab(tab) if self.tab is not None else out
 
 
-def fit_and_score(x, tab, y, internal, epochs: int, seed: int) -> tuple[float, float]:
-    """Train on the internal patients, Harrell's C (DFS, OS) on the external center."""
+def fit_and_score(
+    x, tab, y, internal, epochs: int, seed: int, start: Probe | None = None
+) -> tuple[float, float]:
+    """Train on the internal patients (from `start`'s weights where given), Harrell's C
+    (DFS, OS) on the external center."""
     torch.manual_seed(seed)
-    model = Probe(tab.shape[1])
+    model = Probe(tab.shape[1]) if start is None else start
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-3)
     train = np.flatnonzero(internal)
     for _ in range(epochs):
