@@ -27,11 +27,10 @@ import probe_reader_field as field_probe  # noqa: E402
 from probe_findings import draws  # noqa: E402
 from probe_reader_perception import Deep, quarter_turns  # noqa: E402
 
-from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
-from mmdls_dist.train.losses import cox_loss  # noqa: E402
 
-
-def fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, seed) -> list[float]:
+def fit_and_score(
+    arch, x, tab, y, stage, stage_weight, internal, epochs, seed
+) -> tuple[float, float]:
     torch.manual_seed(seed)
     np.random.seed(seed)
     n_out = 5 if stage_weight else 2
@@ -48,10 +47,7 @@ def fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, seed) 
         for start in range(0, len(order) - 31, 32):
             i = order[start : start + 32]
             out = model(torch.rot90(x[i], int(np.random.randint(4)), (2, 3)), tab[i])
-            loss = sum(
-                cox_loss(out[:, j], y[i, 2 * j], y[i, 2 * j + 1] > 0, torch.ones(len(i)) > 0).loss
-                for j in (0, 1)
-            )
+            loss = field_probe.outcome_loss(out, y, i)
             if stage_weight:
                 loss = loss + stage_weight * F.cross_entropy(out[:, 2:], stage[i])
             opt.zero_grad()
@@ -61,9 +57,7 @@ def fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, seed) 
     model.eval()
     ext = ~internal
     with torch.no_grad():
-        out = quarter_turns(model, x[ext], tab[ext]).numpy()
-    y_ext = y[ext].numpy()
-    return [harrell_c(out[:, j], y_ext[:, 2 * j], y_ext[:, 2 * j + 1] > 0) for j in (0, 1)]
+        return field_probe.external_c(quarter_turns(model, x[ext], tab[ext]), y[ext])
 
 
 def main() -> None:
@@ -79,10 +73,7 @@ def main() -> None:
     for arch in ("deep", "reader"):
         scores = np.array([fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, s)
                            for s in range(3)])  # fmt: skip
-        dfs, os_ = scores.mean(0)
-        print(f"  {arch:6s} crop + table: DFS {dfs:.3f} ({dfs / oracle[0]:.2f})  "
-              f"OS {os_:.3f} ({os_ / oracle[1]:.2f}); per seed {np.round(scores, 3).tolist()} "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+        print(field_probe.summary(f"{arch:6s}", scores, oracle, t0), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import probe_reader_field as field_probe  # noqa: E402
 
-from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
 from mmdls_dist.model.layers import normalise_ct  # noqa: E402
 from mmdls_dist.model.reader import locate  # noqa: E402
-from mmdls_dist.train.losses import cox_loss  # noqa: E402
 
 SIDE, RADII, N_RHO, N_THETA = 48, 5.0, 24, 48
 
@@ -122,11 +120,7 @@ def fit_and_score(variant, x, tab, y, internal, epochs, seed) -> tuple[float, fl
             elif variant == "polar-rot":
                 shift = torch.randint(0, N_THETA, (len(i),), generator=gen)
                 xi = torch.stack([xi[j].roll(int(shift[j]), -1) for j in range(len(i))])
-            out = model(xi, tab[i])
-            loss = sum(
-                cox_loss(out[:, j], y[i, 2 * j], y[i, 2 * j + 1] > 0, torch.ones(len(i)) > 0).loss
-                for j in (0, 1)
-            )
+            loss = field_probe.outcome_loss(model(xi, tab[i]), y, i)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -138,8 +132,7 @@ def fit_and_score(variant, x, tab, y, internal, epochs, seed) -> tuple[float, fl
                                for k in range(4) for fl in (False, True)]).mean(0)  # fmt: skip
         else:
             out = model(x[ext], tab[ext])
-    out, y_ext = out.numpy(), y[ext].numpy()
-    return tuple(harrell_c(out[:, j], y_ext[:, 2 * j], y_ext[:, 2 * j + 1] > 0) for j in (0, 1))
+    return field_probe.external_c(out, y[ext])
 
 
 def main() -> None:
@@ -156,10 +149,7 @@ def main() -> None:
         x = polar if variant.startswith("polar") else cart
         scores = np.array([fit_and_score(variant, x, tab, y, internal, 12, s)
                            for s in range(seeds)])  # fmt: skip
-        dfs, os_ = scores.mean(0)
-        print(f"  {variant:10s} crop + table: DFS {dfs:.3f} ({dfs / oracle[0]:.2f})  "
-              f"OS {os_:.3f} ({os_ / oracle[1]:.2f}); per seed {np.round(scores, 3).tolist()} "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+        print(field_probe.summary(f"{variant:10s}", scores, oracle, t0), flush=True)
 
 
 if __name__ == "__main__":

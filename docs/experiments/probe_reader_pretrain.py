@@ -70,9 +70,7 @@ def main() -> None:
         scores.append(field_probe.fit_and_score(x, tab, y, internal, 12, seed, start=start))
         print(f"  seed {seed}: DFS {scores[-1][0]:.3f} OS {scores[-1][1]:.3f} "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
-    dfs, os_ = np.mean(scores, 0)
-    print(f"  pre-trained, crop + table: DFS {dfs:.3f} ({dfs / oracle[0]:.2f})  "
-          f"OS {os_:.3f} ({os_ / oracle[1]:.2f})", flush=True)  # fmt: skip
+    print(field_probe.summary("pre-trained", np.array(scores), oracle, t0), flush=True)
 
 
 if __name__ == "__main__":
