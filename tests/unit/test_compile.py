@@ -86,12 +86,21 @@ def test_compiled_step_matches_eager_and_does_not_recompile(batches, monkeypatch
     # relative error is noise).
     torch.testing.assert_close(results["compiled"][0], results["eager"][0], rtol=1e-4, atol=1e-5)
     assert results["compiled"][1].keys() == results["eager"][1].keys()
-    # The Cox heads' biases are skipped: a partial likelihood does not change when every
-    # log-hazard shifts, so their true gradient is 0 and what both report is rounding.
+    # Parameters whose true gradient is 0, where what both report is rounding and a
+    # relative error is noise (it reached 2.0 on one run): the Cox heads' biases (a partial
+    # likelihood does not change when every log-hazard shifts) and, at these 32 px shards,
+    # the segmentor's cross-attention query norm (a stride-32 bottleneck of one token: a
+    # softmax over one key is constant). Checked instead: both report about nothing.
+    zero = ("model.heads.dfs.bias", "model.heads.os.bias", "model.segmentor.cross.norm_q.weight",
+            "model.segmentor.cross.norm_q.bias")  # fmt: skip
+    largest = max(float(g.norm()) for g in results["eager"][1].values())
+    for name in zero:
+        for run in results.values():
+            assert float(run[1][name].norm()) < 1e-5 * largest, name
     errors = {
         name: float((results["compiled"][1][name] - grad).norm() / grad.norm())
         for name, grad in results["eager"][1].items()
-        if name not in ("model.heads.dfs.bias", "model.heads.os.bias")
+        if name not in zero
     }
     assert len(errors) > 50  # every other parameter of the network has a gradient
     print("largest relative gradient error:", max(errors.items(), key=lambda kv: kv[1]))
