@@ -7,7 +7,10 @@ held-out center, 3 seeds. With STAGE_WEIGHT > 0 the CNN also predicts the TNM st
 logits, cross-entropy at that weight): the stage label depends on spicules and satellites
 too, so it is a second signal for the same findings.
 
-    python docs/experiments/probe_reader_depth.py STYLE [EPOCHS] [STAGE_WEIGHT]
+    python docs/experiments/probe_reader_depth.py STYLE [EPOCHS] [STAGE_WEIGHT] [ARCHS]
+
+ARCHS, comma-separated: deep, reader, deep-rank4 (the deeper CNN's features reach the
+log-hazards through a linear bottleneck of 4, as model.radiomics_rank does for radiomics).
 
 No shards and no Ray; the cohort of probe_reader_field (1,500 patients at 96 px, seed 0).
 """
@@ -34,8 +37,13 @@ def fit_and_score(
     torch.manual_seed(seed)
     np.random.seed(seed)
     n_out = 5 if stage_weight else 2
-    model = Deep(n_out, tab.shape[1]) if arch == "deep" else field_probe.Probe(tab.shape[1])
-    if arch != "deep" and stage_weight:
+    deep = arch.startswith("deep")
+    model = Deep(n_out, tab.shape[1]) if deep else field_probe.Probe(tab.shape[1])
+    if arch == "deep-rank4":  # the CNN's features reach the log-hazards through 4 numbers
+        model.head = torch.nn.Sequential(
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 4), torch.nn.Linear(4, n_out)
+        )
+    if not deep and stage_weight:
         model.head[-1] = torch.nn.Linear(64, n_out)
         model.tab = torch.nn.Linear(tab.shape[1], n_out)
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-3)
@@ -70,7 +78,7 @@ def main() -> None:
     x = field_probe.crops(images, 48, 5.0, False)
     print(f"{style}; oracle DFS {oracle[0]:.3f} OS {oracle[1]:.3f}; stage weight "
           f"{stage_weight:g}", flush=True)  # fmt: skip
-    for arch in ("deep", "reader"):
+    for arch in sys.argv[4].split(",") if len(sys.argv) > 4 else ("deep", "reader"):
         scores = np.array([fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, s)
                            for s in range(3)])  # fmt: skip
         print(field_probe.summary(f"{arch:6s}", scores, oracle, t0), flush=True)
