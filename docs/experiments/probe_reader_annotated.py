@@ -24,34 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import probe_reader_field as field_probe  # noqa: E402
 from probe_findings import EXTERNAL, IMAGE_ONLY, draws  # noqa: E402
-from probe_reader_perception import Deep, quarter_turns  # noqa: E402
-
-
-def fit_and_score(x, tab, y, target, annotated, internal, epochs, seed) -> tuple[float, float]:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    model = Deep(2 + target.shape[1], tab.shape[1])
-    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-3)
-    train = np.flatnonzero(internal)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(train) // 32))
-    for _ in range(epochs):
-        model.train()
-        order = train[torch.randperm(len(train)).numpy()]
-        for start in range(0, len(order) - 31, 32):
-            i = order[start : start + 32]
-            out = model(torch.rot90(x[i], int(np.random.randint(4)), (2, 3)), tab[i])
-            loss = field_probe.outcome_loss(out, y, i)
-            seen = annotated[i]
-            if seen.any():
-                loss = loss + ((out[seen, 2:] - target[i][seen]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    ext = ~internal
-    with torch.no_grad():
-        return field_probe.external_c(quarter_turns(model, x[ext], tab[ext]), y[ext])
+from probe_reader_depth import fit_and_score  # noqa: E402
 
 
 def main() -> None:
@@ -70,7 +43,15 @@ def main() -> None:
     read, inside = int(annotated.sum()), int(internal.sum())
     print(f"{style}; oracle DFS {oracle[0]:.3f} OS {oracle[1]:.3f}; findings read on {read} "
           f"of {inside} internal patients", flush=True)  # fmt: skip
-    scores = np.array([fit_and_score(x, tab, y, target, annotated, internal, epochs, s)
+
+    def findings_loss(estimate: torch.Tensor, i) -> torch.Tensor:
+        seen = annotated[i]
+        if not seen.any():
+            return estimate.sum() * 0
+        return ((estimate[seen] - target[i][seen]) ** 2).mean()
+
+    extra = (target.shape[1], findings_loss)
+    scores = np.array([fit_and_score("deep", x, tab, y, internal, epochs, s, *extra)
                        for s in range(3)])  # fmt: skip
     print(field_probe.summary(f"annotated {fraction:g}", scores, oracle, t0), flush=True)
 

@@ -32,18 +32,20 @@ from probe_reader_perception import Deep, quarter_turns  # noqa: E402
 
 
 def fit_and_score(
-    arch, x, tab, y, stage, stage_weight, internal, epochs, seed
+    arch, x, tab, y, internal, epochs, seed, n_extra: int = 0, extra_loss=None
 ) -> tuple[float, float]:
+    """Train `arch` on the internal patients' outcomes (and extra_loss(out[:, 2:], i) on
+    n_extra more outputs where given), Harrell's C (DFS, OS) on the external center."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    n_out = 5 if stage_weight else 2
+    n_out = 2 + n_extra
     deep = arch.startswith("deep")
     model = Deep(n_out, tab.shape[1]) if deep else field_probe.Probe(tab.shape[1])
     if arch == "deep-rank4":  # the CNN's features reach the log-hazards through 4 numbers
         model.head = torch.nn.Sequential(
             torch.nn.Dropout(0.2), torch.nn.Linear(128, 4), torch.nn.Linear(4, n_out)
         )
-    if not deep and stage_weight:
+    if not deep and n_extra:
         model.head[-1] = torch.nn.Linear(64, n_out)
         model.tab = torch.nn.Linear(tab.shape[1], n_out)
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-3)
@@ -56,8 +58,8 @@ def fit_and_score(
             i = order[start : start + 32]
             out = model(torch.rot90(x[i], int(np.random.randint(4)), (2, 3)), tab[i])
             loss = field_probe.outcome_loss(out, y, i)
-            if stage_weight:
-                loss = loss + stage_weight * F.cross_entropy(out[:, 2:], stage[i])
+            if extra_loss is not None:
+                loss = loss + extra_loss(out[:, 2:], i)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -76,10 +78,15 @@ def main() -> None:
     images, internal, y, tab, oracle = field_probe.cohort(style, 1500, 96)
     stage = torch.tensor(draws(style, 1500, 96)[1]["tnm_stage"], dtype=torch.long)
     x = field_probe.crops(images, 48, 5.0, False)
+    extra = (
+        (3, lambda logits, i: stage_weight * F.cross_entropy(logits, stage[i]))
+        if stage_weight
+        else ()
+    )
     print(f"{style}; oracle DFS {oracle[0]:.3f} OS {oracle[1]:.3f}; stage weight "
           f"{stage_weight:g}", flush=True)  # fmt: skip
     for arch in sys.argv[4].split(",") if len(sys.argv) > 4 else ("deep", "reader"):
-        scores = np.array([fit_and_score(arch, x, tab, y, stage, stage_weight, internal, epochs, s)
+        scores = np.array([fit_and_score(arch, x, tab, y, internal, epochs, s, *extra)
                            for s in range(3)])  # fmt: skip
         print(field_probe.summary(f"{arch:6s}", scores, oracle, t0), flush=True)
 
