@@ -42,8 +42,9 @@ def fit_and_score(
     deep = arch.startswith("deep")
     model = Deep(n_out, tab.shape[1]) if deep else field_probe.Probe(tab.shape[1])
     if arch == "deep-rank4":  # the CNN's features reach the log-hazards through 4 numbers
+        features = model.head[-1].in_features
         model.head = torch.nn.Sequential(
-            torch.nn.Dropout(0.2), torch.nn.Linear(128, 4), torch.nn.Linear(4, n_out)
+            torch.nn.Dropout(0.2), torch.nn.Linear(features, 4), torch.nn.Linear(4, n_out)
         )
     if not deep and n_extra:
         model.head[-1] = torch.nn.Linear(64, n_out)
@@ -67,7 +68,7 @@ def fit_and_score(
     model.eval()
     ext = ~internal
     with torch.no_grad():
-        return field_probe.external_c(quarter_turns(model, x[ext], tab[ext]), y[ext])
+        return field_probe.harrell_pair(quarter_turns(model, x[ext], tab[ext]), y[ext])
 
 
 def main() -> None:

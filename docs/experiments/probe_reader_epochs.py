@@ -28,10 +28,7 @@ def main() -> None:
     for epochs in epoch_counts:
         scores = np.array([field_probe.fit_and_score(x, tab, y, internal, epochs, seed)
                            for seed in range(3)])  # fmt: skip
-        dfs, os_ = scores.mean(0)
-        print(f"  {epochs:3d} epochs, crop + table: DFS {dfs:.3f} ({dfs / oracle[0]:.2f})  "
-              f"OS {os_:.3f} ({os_ / oracle[1]:.2f}); per seed {np.round(scores, 3).tolist()} "
-              f"[{time.perf_counter() - t0:.0f} s]")  # fmt: skip
+        print(field_probe.summary(f"{epochs:3d} epochs,", scores, oracle, t0))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def outcome_loss(out: torch.Tensor, y: torch.Tensor, i) -> torch.Tensor:
     )
 
 
-def external_c(out: torch.Tensor, y_ext: torch.Tensor) -> tuple[float, float]:
+def harrell_pair(out: torch.Tensor, y_ext: torch.Tensor) -> tuple[float, float]:
     """Harrell's C (DFS, OS) of log-hazards out [n,>=2] against y_ext [n,4]."""
     out, y_ext = out.numpy(), y_ext.numpy()
     return tuple(harrell_c(out[:, j], y_ext[:, 2 * j], y_ext[:, 2 * j + 1] > 0) for j in (0, 1))
@@ -130,7 +130,7 @@ def fit_and_score(
     model.eval()
     ext = ~internal
     with torch.no_grad():
-        return external_c(model(x[ext], tab[ext]), y[ext])
+        return harrell_pair(model(x[ext], tab[ext]), y[ext])
 
 
 def cohort(style: str, n: int, size: int):

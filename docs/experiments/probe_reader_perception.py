@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import probe_reader_field as field_probe  # noqa: E402
 from probe_findings import EXTERNAL, IMAGE_ONLY, external_c, table  # noqa: E402
 
+from mmdls_dist.metrics.survival import harrell_c  # noqa: E402
+
 SIDE, RADII = 48, 5.0
 
 
@@ -125,7 +127,7 @@ def main() -> None:
     est = pd.DataFrame(estimate, columns=[f"est_{k}" for k in keys])
     true = pd.DataFrame(truth, columns=[f"true_{k}" for k in keys])
     for endpoint in ("dfs", "os"):
-        oracle = field_probe.harrell_c(f[f"eta_{endpoint}"][ext], f[f"{endpoint}_time"][ext],
+        oracle = harrell_c(f[f"eta_{endpoint}"][ext], f[f"{endpoint}_time"][ext],
                                        f[f"{endpoint}_event"][ext])  # fmt: skip
         row = [f"{endpoint.upper()} oracle {oracle:.3f}"]
         for name, cov in (("table", tab), ("+ estimated", pd.concat([tab, est], axis=1)),

@@ -132,7 +132,7 @@ def fit_and_score(variant, x, tab, y, internal, epochs, seed) -> tuple[float, fl
                                for k in range(4) for fl in (False, True)]).mean(0)  # fmt: skip
         else:
             out = model(x[ext], tab[ext])
-    return field_probe.external_c(out, y[ext])
+    return field_probe.harrell_pair(out, y[ext])
 
 
 def main() -> None:
