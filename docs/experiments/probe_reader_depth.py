@@ -32,10 +32,11 @@ from probe_reader_perception import Deep, quarter_turns  # noqa: E402
 
 
 def fit_and_score(
-    arch, x, tab, y, internal, epochs, seed, n_extra: int = 0, extra_loss=None
+    arch, x, tab, y, internal, epochs, seed, n_extra: int = 0, extra_loss=None, train=None
 ) -> tuple[float, float]:
-    """Train `arch` on the internal patients' outcomes (and extra_loss(out[:, 2:], i) on
-    n_extra more outputs where given), Harrell's C (DFS, OS) on the external center."""
+    """Train `arch` on the internal patients' outcomes (only the indices `train` of them
+    where given; and extra_loss(out[:, 2:], i) on n_extra more outputs where given),
+    Harrell's C (DFS, OS) on the external center."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     n_out = 2 + n_extra
@@ -50,7 +51,7 @@ def fit_and_score(
         model.head[-1] = torch.nn.Linear(64, n_out)
         model.tab = torch.nn.Linear(tab.shape[1], n_out)
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-3)
-    train = np.flatnonzero(internal)
+    train = np.flatnonzero(internal) if train is None else train
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(train) // 32))
     for _ in range(epochs):
         model.train()

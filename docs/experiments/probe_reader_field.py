@@ -36,17 +36,19 @@ from mmdls_dist.model.reader import crop, locate  # noqa: E402
 from mmdls_dist.train.losses import cox_loss  # noqa: E402
 
 
-def render(style: str, n: int, size: int):
+def render(style: str, n: int, size: int, keep=None):
     """Factors, centers, and per patient CT [S,H,W] in [0,1] and the lesion mask, rendered
     at the model's size (every center's field is the same body, so this is what prep's
-    resize gives, less the interpolation)."""
+    resize gives, less the interpolation); with `keep`, keep(ct, lesion) per patient instead
+    (a crop: a large cohort's volumes need not all be held at once)."""
     st, f, centers, n_slices, seeds = draws(style, n, size)
     images = []
     for i in range(n):
         factors = {k: float(f[k][i]) for k in st.factor_keys}
         ct, _, lesion = st.render(factors, st.centers[centers[i]], int(n_slices[i]), size,
                                   int(seeds[i]))  # fmt: skip
-        images.append((torch.from_numpy(ct).float() / 255, torch.from_numpy(lesion > 0).float()))
+        pair = torch.from_numpy(ct).float() / 255, torch.from_numpy(lesion > 0).float()
+        images.append(pair if keep is None else keep(*pair))
     return f, centers, images
 
 
@@ -133,10 +135,11 @@ def fit_and_score(
         return harrell_pair(model(x[ext], tab[ext]), y[ext])
 
 
-def cohort(style: str, n: int, size: int):
-    """-> (rendered images, internal-center mask, [N,4] DFS / OS times and events, the
-    standardised clinical + PET table, the oracle's external C-index DFS / OS)."""
-    f, centers, images = render(style, n, size)
+def cohort(style: str, n: int, size: int, keep=None):
+    """-> (rendered images (or keep(ct, lesion) each), internal-center mask, [N,4] DFS / OS
+    times and events, the standardised clinical + PET table, the oracle's external C-index
+    DFS / OS)."""
+    f, centers, images = render(style, n, size, keep)
     internal = centers != EXTERNAL[style]
     y = torch.tensor(np.stack([f["dfs_time"], f["dfs_event"], f["os_time"], f["os_event"]], 1),
                      dtype=torch.float32)  # fmt: skip
