@@ -312,11 +312,7 @@ class Trainer:
             records.extend(prediction_records(batch, out))
             if first is None:
                 first = (batch, out)
-        everyone = [records]
-        if self.world > 1:
-            everyone = [None] * self.world
-            dist.all_gather_object(everyone, records)
-        merged = [r for part in everyone for r in part]
+        merged = [r for part in all_gather_object(records) for r in part]
         return summarize(merged, prefix="val/"), merged, *(first or (None, None))
 
 
