@@ -43,7 +43,7 @@ from mmdls_dist.data.prepare import resolve_data, synthetic_oracle
 from mmdls_dist.data.shards import load_manifest
 from mmdls_dist.evaluation.ensemble import combine_members, member_predictions
 from mmdls_dist.evaluation.evaluate import SHIFT_ALPHA, evaluate_frame
-from mmdls_dist.evaluation.inference import resolve_checkpoint, run_inference
+from mmdls_dist.evaluation.inference import CONTOUR_READ, resolve_checkpoint, run_inference
 from mmdls_dist.metrics.calibration import adapt_binary_prior, binary_logits
 from mmdls_dist.metrics.classification import reliability
 from mmdls_dist.metrics.survival import harrell_c
@@ -242,7 +242,9 @@ def internal_case_mix(members) -> dict:
     adapted only where the shift test finds a shift (the evaluation's rule), mean over the
     groups."""
     before, everywhere, kept, shifted = [], [], [], 0
-    for _, own, ref in members:
+    for frame, own, ref in members:
+        if CONTOUR_READ in own:  # the validation patients read as the external ones were
+            own = own[own[CONTOUR_READ] == frame[CONTOUR_READ].any()]
         val = own[(own["split"] == "val") & (own["histology"] >= 0)]
         for _, sub in val.groupby("center"):
             y = sub["histology"].to_numpy()

@@ -10,7 +10,8 @@ The ensemble's reference (reference.py) is fixed on the cross-validated cohort: 
 and risk cut-points on the ensemble's predictions for every fold patient (as a single
 model's are on its training split), the histology threshold and the Breslow baselines on
 the out-of-fold predictions (each patient scored by the member that validated on it, as a
-single model's are on its validation split).
+single model's are on its validation split); for a model that reads given contours, the
+same again for the CT-only read (reference.py).
 `mmdls train --folds K` fits it once when the folds end and stores it in the ensemble
 folder (reference.json, as each member's own in its run folder), so evaluation and
 prediction run the members only on the patients asked about.
@@ -34,6 +35,7 @@ from mmdls_dist.evaluation.reference import (
     folder_of,
     own_cohort,
     reference_for,
+    split_reads,
     store_reference,
     stored_reference,
     training_frame,
@@ -111,27 +113,40 @@ def combine_members(
     members: list[tuple[pd.DataFrame, pd.DataFrame, Reference]], horizons: tuple[float, ...]
 ) -> tuple[pd.DataFrame, Reference]:
     """member_predictions of every member -> (the ensemble's predictions, its reference;
-    the predictions are None where the members came without held-out frames)."""
-    oof = pd.concat([own[own["split"] == "val"] for _, own, _ in members], ignore_index=True)
-    cohort = [own.assign(split="train") for _, own, _ in members]
+    the predictions are None where the members came without held-out frames). Where the
+    members' training frames hold both reads, the CT-only read gets its own (ct_only)."""
+    reads = [split_reads(own) for _, own, _ in members]
+    if len({len(r) for r in reads}) != 1:
+        raise ValueError("ensemble members were read differently (contours in some only)")
+    ref = _fold_reference([r[0] for r in reads], horizons)
+    if len(reads[0]) == 2:
+        ref.ct_only = _fold_reference([r[1] for r in reads], horizons)
+        ref.origin += "; the same for the CT-only read, on its own predictions"
+    held_out = [frame for frame, _, _ in members if frame is not None]
+    return (mean_frame(held_out) if held_out else None), ref
+
+
+def _fold_reference(owns: list[pd.DataFrame], horizons: tuple[float, ...]) -> Reference:
+    """The ensemble's reference from its members' (calibrated) training frames of one read."""
+    oof = pd.concat([own[own["split"] == "val"] for own in owns], ignore_index=True)
+    cohort = [own.assign(split="train") for own in owns]
     ref = fit_reference(mean_frame(cohort), None, horizons)
     ref.histology_threshold = youden_threshold(oof["histology_prob"], oof["histology"])
     for endpoint in ENDPOINTS:  # on held-out predictions, as a single model's on validation
         ref.baselines[endpoint] = BreslowBaseline.fit(*endpoint_arrays(oof, endpoint))
     ref.notes = [
-        f"fold ensemble of {len(members)} members: each member calibrated on its own "
+        f"fold ensemble of {len(owns)} members: each member calibrated on its own "
         "validation fold; histology threshold and Breslow baselines on the out-of-fold "
         "predictions"
     ]
     ref.origin = (
-        f"fold ensemble of {len(members)}: cut-points and censoring on the ensemble's "
+        f"fold ensemble of {len(owns)}: cut-points and censoring on the ensemble's "
         f"predictions for {len(oof)} cross-validated patients; the histology threshold and "
         "the Breslow baselines on their out-of-fold predictions; each member's temperatures "
         "and calibration slopes on its own validation fold, its survival stack on its own "
         "training and validation folds"
     )
-    held_out = [frame for frame, _, _ in members if frame is not None]
-    return (mean_frame(held_out) if held_out else None), ref
+    return ref
 
 
 def ensemble_predictions(

@@ -53,7 +53,6 @@ from mmdls_dist.metrics.classification import (
 )
 from mmdls_dist.metrics.segmentation import mean_dice
 from mmdls_dist.metrics.survival import (
-    assign_risk_groups,
     brier_scores,
     cumulative_dynamic_auc,
     harrell_c,
@@ -97,12 +96,13 @@ def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
     out: dict = {"n": int(len(risk)), "events": int(event.sum())}
     if len(risk) < 2 or not event.any():
         return out | {"harrell_c": math.nan, "uno_c": math.nan, "notes": []}
+    known = frame[frame[f"{endpoint}_known"].to_numpy(bool)]
     horizons = np.asarray(ref.horizons)
     censoring = ref.censoring[endpoint]
-    surv = ref.baselines[endpoint].survival_at(risk, horizons)
+    surv = ref.survival_at(known, endpoint, horizons)
     grid = np.arange(1.0, horizons[-1] + 1.0)
     grid = grid[grid < time.max()]
-    groups = assign_risk_groups(risk, ref.cutpoints[endpoint])
+    groups = ref.risk_groups(known, endpoint)
     return out | {
         "harrell_c": harrell_c(risk, time, event),
         "uno_c": uno_c(risk, time, event, censoring, tau=float(horizons[-1])),
@@ -112,9 +112,7 @@ def survival_block(frame: pd.DataFrame, endpoint: str, ref: Reference) -> dict:
         ),
         "brier": _by_horizon(horizons, brier_scores(surv, time, event, horizons, censoring)),
         "integrated_brier": (
-            integrated_brier(
-                ref.baselines[endpoint].survival_at(risk, grid), time, event, grid, censoring
-            )
+            integrated_brier(ref.survival_at(known, endpoint, grid), time, event, grid, censoring)
             if len(grid) >= 2
             else math.nan
         ),

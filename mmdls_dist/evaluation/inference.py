@@ -34,6 +34,11 @@ from mmdls_dist.train import checkpoint
 
 log = logging.getLogger(__name__)
 
+# Per record: True where the lesion views read the patient's own lesion contour, False where
+# they read the segmentor's mask (no contour, contours withheld, or a model that reads none):
+# the two reads have references of their own (reference.py).
+CONTOUR_READ = "contour_read"
+
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder (holds state.pt) or a run folder (holds best.json) -> checkpoint,
@@ -110,22 +115,25 @@ class Part:
     # lesion mask, as for a folder without contours), whatever contours the shards hold
 
 
-def _records(batch, out, split: str, with_dice: bool) -> list[dict]:
-    """prediction_records plus the split, the inputs each patient lacked, the tabular
-    inputs as the network received them and its lesion descriptors where it measures them
-    (stacking.INPUTS, stacking.LESION: what the survival stack reads; kept out of every
-    written table)."""
+def _records(batch, out, split: str, with_dice: bool, reads_contours: bool) -> list[dict]:
+    """prediction_records plus the split, the inputs each patient lacked, which mask the
+    lesion views read (CONTOUR_READ; reads_contours: the model reads given contours at all),
+    the tabular inputs as the network received them and its lesion descriptors where it
+    measures them (stacking.INPUTS, stacking.LESION: what the survival stack reads; kept out
+    of every written table)."""
     records = prediction_records(batch, out)
+    read = [reads_contours and bool(a) for a in batch.lesion_annotated.cpu().tolist()]
     tabular = torch.cat([batch.clinical, batch.pet], 1).float().cpu().tolist()
     lesion = [{}] * len(records)
     if out.lesion_descriptors is not None:
         measured = out.lesion_descriptors.float().cpu().tolist()
         lesion = [dict(zip(LESION, values, strict=True)) for values in measured]
-    for r, missing, values, descriptors in zip(
-        records, missing_inputs(batch), tabular, lesion, strict=True
+    for r, missing, contour, values, descriptors in zip(
+        records, missing_inputs(batch), read, tabular, lesion, strict=True
     ):
         r["split"] = split
         r["missing_inputs"] = missing
+        r[CONTOUR_READ] = bool(contour)
         r |= dict(zip(INPUTS, values, strict=True))
         r |= descriptors
         if not with_dice:
@@ -142,6 +150,8 @@ def infer_part(part: Part) -> list[dict]:
     loader = eval_loader(
         loaded, part.shards, part.split, part.manifest, part.batch_size, part.rank, part.world
     )
+    model_cfg = loaded.cfg.model
+    reads_contours = model_cfg.use_imaging and model_cfg.given_lesion_mask
     records: list[dict] = []
     for batch in loader:
         batch = batch.to(device)
@@ -150,7 +160,7 @@ def infer_part(part: Part) -> list[dict]:
                 batch, lesion_annotated=torch.zeros_like(batch.lesion_annotated)
             )
         out = loaded.model(batch)
-        records.extend(_records(batch, out, part.split, with_dice=part.dice))
+        records.extend(_records(batch, out, part.split, part.dice, reads_contours))
         if part.mask_dir is not None and out.lung_logits is not None:
             write_masks(
                 part.mask_dir, batch, out, loaded.cfg.data.max_slices, part.slice_names or {}

@@ -36,7 +36,7 @@ from mmdls_dist.evaluation.reference import (
     load_reference,
     reference_for,
 )
-from mmdls_dist.metrics.survival import RISK_GROUPS, assign_risk_groups
+from mmdls_dist.metrics.survival import RISK_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def prediction_table(frame: pd.DataFrame, ref: Reference, model: str) -> pd.Data
     for endpoint in ENDPOINTS:
         risk = frame[f"{endpoint}_risk"].to_numpy(float)
         out[f"{endpoint}_log_relative_hazard"] = risk
-        groups = assign_risk_groups(risk, ref.cutpoints[endpoint])
+        groups = ref.risk_groups(frame, endpoint)
         out[f"{endpoint}_risk_group"] = [RISK_GROUPS[g] for g in groups]
-        surv = ref.baselines[endpoint].survival_at(risk, ref.horizons)
+        surv = ref.survival_at(frame, endpoint, ref.horizons)
         for k, h in enumerate(ref.horizons):
             out[f"{endpoint}_survival_{h:g}m"] = surv[:, k]
     return out.round(DECIMALS)

@@ -5,6 +5,13 @@ survival heads and the Breslow baselines of the *validation* split (the baseline
 training split where a run has no validation split or too few events there for a slope);
 the survival stack (stacking.py) on the training and validation splits together.
 
+A model that reads given lesion contours has two reads of a patient: on the contour, or on
+the segmentor's own mask (no contour, as `mmdls predict` on a folder without them). The
+network's log-hazards and probabilities and the lesion descriptors the stack reads all
+change with the mask, so the CT-only read has a reference of its own (Reference.ct_only),
+the same fit on the training cohort read without its contours; each row is calibrated and
+scored by the reference of the read it got (inference.CONTOUR_READ).
+
 `mmdls train` fits it once when the run ends and stores it in the run folder beside
 best.json (reference.json, naming the checkpoint it was fitted for); `mmdls predict` and
 an evaluation on other shards take it from there, so they run inference only on the
@@ -21,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mmdls_dist import storage
@@ -28,6 +36,7 @@ from mmdls_dist.config import EvalConfig
 from mmdls_dist.data.schema import ENDPOINTS, STAGES
 from mmdls_dist.evaluation import stacking
 from mmdls_dist.evaluation.inference import (
+    CONTOUR_READ,
     checkpoint_identity,
     model_manifest,
     resolve_checkpoint,
@@ -44,7 +53,12 @@ from mmdls_dist.metrics.calibration import (
     scaled_multiclass,
 )
 from mmdls_dist.metrics.classification import youden_threshold
-from mmdls_dist.metrics.survival import BreslowBaseline, CensoringKM, risk_cutpoints
+from mmdls_dist.metrics.survival import (
+    BreslowBaseline,
+    CensoringKM,
+    assign_risk_groups,
+    risk_cutpoints,
+)
 
 
 @dataclass
@@ -69,15 +83,53 @@ class Reference:
     # The LUSC fraction of the training cohort (train and validation): the case mix the
     # histology probabilities are calibrated under (None: not recorded).
     histology_prevalence: float | None = None
+    # The reference of the CT-only read (module docstring), fitted like this one on the
+    # training cohort read on the segmentor's masks; None: every row is scored by this one
+    # (a model that reads no given contour, or a reference written before the two reads).
+    # The histology threshold is this one's for both reads: one decision rule on the
+    # calibrated probability.
+    ct_only: Reference | None = None
+
+    def reads_ct_only(self, frame: pd.DataFrame) -> np.ndarray:
+        """Per row: scored by ct_only (the lesion views read the segmentor's mask)."""
+        if self.ct_only is None or CONTOUR_READ not in frame:
+            return np.zeros(len(frame), dtype=bool)
+        return ~frame[CONTOUR_READ].to_numpy(bool)
 
     def calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Inference frame -> the same with temperature-scaled histology and stage
-        probabilities and the survival log-hazards slope-scaled and stacked; the network's
-        own are kept as *_uncalibrated columns. A frame calibrated once is returned
-        unchanged."""
+        probabilities and the survival log-hazards slope-scaled and stacked, each row by
+        the reference of its read; the network's own are kept as *_uncalibrated columns.
+        A frame calibrated once is returned unchanged."""
+        if "histology_prob_uncalibrated" in frame:
+            return frame.copy()  # already calibrated
+        ct = self.reads_ct_only(frame)
+        if not ct.any():
+            return self._calibrate(frame)
+        parts = [self._calibrate(frame[~ct]), self.ct_only._calibrate(frame[ct])]
+        return pd.concat(parts).loc[frame.index]
+
+    def survival_at(self, frame: pd.DataFrame, endpoint: str, times) -> np.ndarray:
+        """[rows, times] survival probabilities of a calibrated frame's rows, each by the
+        Breslow baseline of its read."""
+        risk = frame[f"{endpoint}_risk"].to_numpy(float)
+        out = self.baselines[endpoint].survival_at(risk, times)
+        ct = self.reads_ct_only(frame)
+        if ct.any():
+            out[ct] = self.ct_only.baselines[endpoint].survival_at(risk[ct], times)
+        return out
+
+    def risk_groups(self, frame: pd.DataFrame, endpoint: str) -> np.ndarray:
+        """Risk group per row of a calibrated frame (0 = low), by its read's cut-points."""
+        risk = frame[f"{endpoint}_risk"].to_numpy(float)
+        out = assign_risk_groups(risk, self.cutpoints[endpoint])
+        ct = self.reads_ct_only(frame)
+        if ct.any():
+            out[ct] = assign_risk_groups(risk[ct], self.ct_only.cutpoints[endpoint])
+        return out
+
+    def _calibrate(self, frame: pd.DataFrame) -> pd.DataFrame:
         out = frame.copy()
-        if "histology_prob_uncalibrated" in out:
-            return out  # already calibrated
         columns = [f"stage_prob_{name}" for name in STAGES]
         out["histology_prob_uncalibrated"] = out["histology_prob"]
         out["histology_prob"] = scaled_binary(out["histology_prob"], self.temperature["histology"])
@@ -105,6 +157,7 @@ class Reference:
             "stack": self.stack,
             "origin": self.origin,
             "histology_prevalence": self.histology_prevalence,
+            "ct_only": None if self.ct_only is None else self.ct_only.to_dict(),
         }
 
     @classmethod
@@ -125,6 +178,8 @@ class Reference:
             stack=d.get("stack", {e: {} for e in ENDPOINTS}),
             # ... and before the case mix was recorded, none.
             histology_prevalence=d.get("histology_prevalence"),
+            # ... and before the two reads, one for both.
+            ct_only=None if d.get("ct_only") is None else cls.from_dict(d["ct_only"]),
         )
 
 
@@ -329,19 +384,45 @@ def training_frame(
 ) -> pd.DataFrame:
     """The model's predictions on its training cohort's train and val splits: the evaluated
     frame itself when it holds them, else inference on the training shards (the
-    checkpoint's own by default); frame None: always the latter."""
+    checkpoint's own by default); frame None: always the latter. Where the lesion views read
+    contours, also the CT-only read of every patient (inference with contours withheld),
+    each patient then once per read."""
     source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
+    have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
+    splits = [s for s in ("train", "val") if s in have]
     if frame is None or source != shards or "train" not in set(frame["split"]):
-        have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
-        splits = [s for s in ("train", "val") if s in have]
         frame = run_inference(ckpt, source, splits, cfg, mapper)
     if "train" not in set(frame["split"]):
         raise ValueError(f"{source}: no training split to fix the reference on")
-    return frame[frame["split"].isin(("train", "val"))]
+    frame = frame[frame["split"].isin(("train", "val"))]
+    if CONTOUR_READ in frame and frame[CONTOUR_READ].any():  # the CT-only read as well
+        ct_only = run_inference(ckpt, source, splits, cfg, mapper, withhold_contours=True)
+        frame = pd.concat([frame[frame[CONTOUR_READ]], ct_only], ignore_index=True)
+    return frame
 
 
 def fit_on_training_frame(frame: pd.DataFrame, horizons: tuple[float, ...]) -> Reference:
-    """fit_reference on a training_frame (its train split, and its val split if any)."""
+    """fit_reference on a training_frame (its train split, and its val split if any); where
+    it holds both reads, on the contour read, with ct_only on the CT-only read."""
+    reads = split_reads(frame)
+    ref = _fit_split(reads[0], horizons)
+    if len(reads) == 2:
+        ref.ct_only = _fit_split(reads[1], horizons)
+        ref.origin += f"; for the CT-only read, its own: {ref.ct_only.origin}"
+    return ref
+
+
+def split_reads(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """[frame] for one read, [contour read, CT-only read] where the frame holds both."""
+    if CONTOUR_READ not in frame:
+        return [frame]
+    read = frame[CONTOUR_READ].to_numpy(bool)
+    if read.all() or not read.any():
+        return [frame]
+    return [frame[read], frame[~read]]
+
+
+def _fit_split(frame: pd.DataFrame, horizons: tuple[float, ...]) -> Reference:
     val = frame[frame["split"] == "val"]
     return fit_reference(frame[frame["split"] == "train"], val if len(val) else None, horizons)
 

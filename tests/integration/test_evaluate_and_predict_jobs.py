@@ -113,12 +113,18 @@ def test_predictions_cover_each_patient_once_and_cutpoints_come_from_train(evalu
     assert len(table) == sum(s["n_patients"] for s in manifest["splits"].values())
     assert not table["patient_id"].duplicated().any()
     ref = metrics["models"]["best"]["reference"]
-    train = table[table.split == "train"]["os_risk"]
+    # The contour read's cut-points are its training patients' tertiles; patients read on
+    # the segmentor's mask are grouped by the CT-only read's.
+    train = table[(table.split == "train") & table.contour_read]["os_risk"]
+    assert 0 < len(train) < (table.split == "train").sum()
     np.testing.assert_allclose(ref["cutpoints"]["os"], np.quantile(train, [1 / 3, 2 / 3]))
-    external = table[table.split == "external"]["os_risk"].to_numpy()
+    external = table[table.split == "external"]
+    cut = np.where(
+        external.contour_read, ref["cutpoints"]["os"][1], ref["ct_only"]["cutpoints"]["os"][1]
+    )
     curves = metrics["models"]["best"]["splits"]["external"]["all"]["os"]["risk_groups"]["curves"]
     high = curves.get("high", {"n": 0})["n"]
-    assert high == int(np.sum(external >= ref["cutpoints"]["os"][1]))
+    assert high == int(np.sum(external["os_risk"].to_numpy() >= cut))
 
 
 def new_patients_copy(raw: Path, dest: Path, broken: str) -> tuple[list[str], set[str]]:
@@ -270,10 +276,15 @@ def test_the_reference_is_fitted_when_training_ends(
     best = json.loads((trained_run / "best.json").read_text())["checkpoint"]
     assert stored["checkpoints"] == [f"tiny/{best}"]
     refit = metrics["models"]["best"]["reference"]
+    # The model reads given contours: the CT-only read has its own reference, fitted on the
+    # training cohort read without them, stored and refitted alike.
+    assert stored["ct_only"] is not None and stored["ct_only"]["ct_only"] is None
+    assert stored["ct_only"]["cutpoints"] != stored["cutpoints"]
     for endpoint in ("dfs", "os"):
-        np.testing.assert_allclose(
-            stored["cutpoints"][endpoint], refit["cutpoints"][endpoint], atol=1e-5
-        )
+        for ours, theirs in ((stored, refit), (stored["ct_only"], refit["ct_only"])):
+            np.testing.assert_allclose(
+                ours["cutpoints"][endpoint], theirs["cutpoints"][endpoint], atol=1e-5
+            )
     assert stored["temperature"] == pytest.approx(refit["temperature"], abs=1e-4)
     assert stored["histology_threshold"] == pytest.approx(refit["histology_threshold"], abs=1e-4)
     moved = tmp_path / "elsewhere" / "tiny"
@@ -295,7 +306,9 @@ def test_the_reference_is_fitted_when_training_ends(
     np.testing.assert_allclose(
         table["os_log_relative_hazard"], evaluated.loc[table.index, "os_risk"], atol=6e-4
     )
-    groups = np.where(
-        evaluated.loc[table.index, "os_risk"] >= stored["cutpoints"]["os"][1], "high", "x"
+    rows = evaluated.loc[table.index]  # each patient grouped by the cut-points of its read
+    cut = np.where(
+        rows.contour_read, stored["cutpoints"]["os"][1], stored["ct_only"]["cutpoints"]["os"][1]
     )
+    groups = np.where(rows["os_risk"] >= cut, "high", "x")
     assert ((table["os_risk_group"] == "high") == (groups == "high")).all()

@@ -323,6 +323,69 @@ def test_overspread_hazards_get_a_calibration_slope_on_validation():
     assert Reference.from_dict(old).slope == {"dfs": 1.0, "os": 1.0}
 
 
+def test_the_ct_only_read_is_calibrated_and_scored_by_its_own_reference():
+    """A training cohort read twice: on the contours (log-hazards on the true scale) and
+    CT-only (3x over-spread). The CT-only read gets its own reference with a slope of about
+    1/3, the contour read keeps about 1; a mixed frame is calibrated and scored row by row
+    by the reference of its read (slopes, Breslow baselines, cut-points), and the stored
+    reference keeps both."""
+    from mmdls_dist.evaluation.inference import CONTOUR_READ
+    from mmdls_dist.evaluation.reference import Reference, fit_on_training_frame
+
+    rng = np.random.default_rng(5)
+
+    def read(n, split, spread, contour):
+        part = frame(rng, n, split)
+        for e in ("dfs", "os"):
+            eta = rng.normal(size=n)
+            t = rng.exponential(20.0 * np.exp(-eta))
+            c = rng.uniform(6, 72, n)
+            part[f"{e}_risk"] = spread * eta
+            part[f"{e}_time"], part[f"{e}_event"] = np.minimum(t, c), t <= c
+        return part.assign(**{CONTOUR_READ: contour})
+
+    own = pd.concat(
+        [read(600, "train", 1.0, True), read(600, "val", 1.0, True)]
+        + [read(600, "train", 3.0, False), read(600, "val", 3.0, False)],
+        ignore_index=True,
+    )
+    ref = fit_on_training_frame(own, HORIZONS)
+    assert ref.slope["os"] == pytest.approx(1.0, abs=0.12)
+    assert ref.ct_only is not None and ref.ct_only.ct_only is None
+    assert ref.ct_only.slope["os"] == pytest.approx(1 / 3, abs=0.04)
+    assert "CT-only read" in ref.origin
+
+    ext = pd.concat([read(50, "external", 1.0, True), read(50, "external", 3.0, False)])
+    ext = ext.reset_index(drop=True)
+    out = ref.calibrate(ext)
+    ct = ~ext[CONTOUR_READ].to_numpy(bool)
+    expected = np.where(ct, ref.ct_only.slope["os"], ref.slope["os"]) * ext["os_risk"]
+    np.testing.assert_allclose(out["os_risk"], expected)
+    assert list(out["patient_id"]) == list(ext["patient_id"])  # rows stay in their order
+    surv = ref.survival_at(out, "os", HORIZONS)
+    np.testing.assert_allclose(
+        surv[ct], ref.ct_only.baselines["os"].survival_at(out["os_risk"][ct], HORIZONS)
+    )
+    np.testing.assert_allclose(
+        surv[~ct], ref.baselines["os"].survival_at(out["os_risk"][~ct], HORIZONS)
+    )
+    assert not np.allclose(ref.ct_only.cutpoints["os"], ref.cutpoints["os"])  # other patients
+    groups = ref.risk_groups(out, "os")
+    one_read = ref.risk_groups(out.assign(**{CONTOUR_READ: True}), "os")
+    assert (groups[~ct] == one_read[~ct]).all()
+    assert (
+        groups[ct] == np.searchsorted(ref.ct_only.cutpoints["os"], out["os_risk"][ct], side="right")
+    ).all()
+
+    again = Reference.from_dict(ref.to_dict())
+    np.testing.assert_allclose(again.calibrate(ext)["os_risk"], out["os_risk"])
+    single = fit_on_training_frame(own[own[CONTOUR_READ]], HORIZONS)
+    assert single.ct_only is None  # one read, one reference
+    np.testing.assert_allclose(
+        single.calibrate(ext)["os_risk"], single.slope["os"] * ext["os_risk"]
+    )
+
+
 def test_no_slope_without_enough_validation_events(cohort):
     val = cohort[cohort.split == "val"].head(30).assign(os_event=False)
     val.loc[val.index[:4], "os_event"] = True  # 4 events: too few for a slope

@@ -287,7 +287,7 @@ def test_inference_records_carry_the_tabular_inputs_the_network_read(batch):
 
     with torch.no_grad():
         out = _model().eval()(batch)
-    records = _records(batch, out, "train", with_dice=False)
+    records = _records(batch, out, "train", with_dice=False, reads_contours=True)
     assert len(records) == len(batch)
     for i, record in enumerate(records):
         age = batch.clinical[i, CLINICAL_FEATURES.index("age")]
@@ -312,9 +312,15 @@ def test_inference_records_carry_the_lesion_descriptors_of_the_mask_the_views_re
     with torch.no_grad():
         out = _model().eval()(batch)
     expected = measure(batch.ct.float() / 255, batch.lesion_mask.float(), batch.slice_mask)
-    records = _records(batch, out, "val", with_dice=False)
+    records = _records(batch, out, "val", with_dice=False, reads_contours=True)
     annotated = batch.lesion_annotated.tolist()
     assert any(annotated)
+    # The read each record got: the contour where there is one (the reference per read).
+    assert [r["contour_read"] for r in records] == annotated
+    none = dataclasses.replace(batch, lesion_annotated=torch.zeros_like(batch.lesion_annotated))
+    assert not any(r["contour_read"] for r in _records(none, out, "val", False, True))
+    unread = _records(batch, out, "val", with_dice=False, reads_contours=False)
+    assert not any(r["contour_read"] for r in unread)  # a model that reads no contour
     for i, record in enumerate(records):
         if annotated[i]:
             assert [record[c] for c in LESION] == pytest.approx(expected[i].tolist(), abs=1e-5)
@@ -322,4 +328,4 @@ def test_inference_records_carry_the_lesion_descriptors_of_the_mask_the_views_re
     with torch.no_grad():
         plain = _model(lesion_descriptors=False).eval()(batch)
     assert plain.lesion_descriptors is None
-    assert not [c for c in _records(batch, plain, "val", False)[0] if c.startswith("lesion_")]
+    assert not [c for c in _records(batch, plain, "val", False, True)[0] if c.startswith("lesion_")]
