@@ -387,16 +387,21 @@ def training_frame(
     checkpoint's own by default); frame None: always the latter. Where the lesion views read
     contours, also the CT-only read of every patient (inference with contours withheld),
     each patient then once per read."""
-    source = reference_shards or checkpoint_identity(ckpt)["config"]["data"]["shards"]
-    have = set(model_manifest(source, checkpoint_identity(ckpt))["splits"])
-    splits = [s for s in ("train", "val") if s in have]
+    identity = checkpoint_identity(ckpt)
+    source = reference_shards or identity["config"]["data"]["shards"]
+
+    def cohort(**extra) -> pd.DataFrame:
+        have = set(model_manifest(source, identity)["splits"])
+        splits = [s for s in ("train", "val") if s in have]
+        return run_inference(ckpt, source, splits, cfg, mapper, **extra)
+
     if frame is None or source != shards or "train" not in set(frame["split"]):
-        frame = run_inference(ckpt, source, splits, cfg, mapper)
+        frame = cohort()
     if "train" not in set(frame["split"]):
         raise ValueError(f"{source}: no training split to fix the reference on")
     frame = frame[frame["split"].isin(("train", "val"))]
     if CONTOUR_READ in frame and frame[CONTOUR_READ].any():  # the CT-only read as well
-        ct_only = run_inference(ckpt, source, splits, cfg, mapper, withhold_contours=True)
+        ct_only = cohort(withhold_contours=True)
         frame = pd.concat([frame[frame[CONTOUR_READ]], ct_only], ignore_index=True)
     return frame
 
